@@ -1,0 +1,126 @@
+"""The Python API: prune a model in memory, or a checkpoint into a folder."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import PruneConfig
+from .engine import find_decoder_layers, resolve_device, run_sequential
+from .pruners import get_pruner
+from .report import PruneReport
+
+log = logging.getLogger(__name__)
+
+
+def model_context(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def effective_seqlen(model, seqlen: int) -> int:
+    """``seqlen`` clipped to the model's context, with a warning when clipped."""
+    ctx = model_context(model)
+    if ctx is not None and seqlen > ctx:
+        log.warning("seqlen %d exceeds the model's context %d; using %d", seqlen, ctx, ctx)
+        return ctx
+    return seqlen
+
+
+def calibration_tokens(config: PruneConfig, model, tokenizer, calibration: Any = None) -> tuple[torch.Tensor, dict]:
+    """``(input_ids [nsamples, seqlen], description)`` from ``calibration`` or ``config.calib``."""
+    from .data import describe_source, get_calibration
+
+    source = config.calib if calibration is None else calibration
+    seqlen = effective_seqlen(model, config.seqlen)
+    ids = get_calibration(
+        source, tokenizer, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed,
+        data_dir=config.data_dir, text_field=config.text_field, model=model,
+    )
+    desc = {"source": describe_source(source), "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
+            "seed": config.seed}
+    return ids, desc
+
+
+def prune(
+    model,
+    tokenizer=None,
+    config: PruneConfig | dict | None = None,
+    calibration: Any = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> PruneReport:
+    """Prune ``model`` in place and return a :class:`PruneReport`.
+
+    ``calibration`` may be a named source or path (overriding ``config.calib``), a LongTensor
+    ``[n, L]``, a list of token lists or a DataLoader; ``overrides`` set config fields, e.g.
+    ``prune(model, tok, method="wanda", pattern="2:4")``.
+    """
+    if config is None:
+        config = PruneConfig.build(overrides)
+    elif isinstance(config, dict):
+        config = PruneConfig.build({**config, **overrides})
+    elif overrides:
+        config = PruneConfig.build({**config.model_dump(), **overrides})
+    t0 = time.perf_counter()
+    find_decoder_layers(model)  # fail on unsupported models before calibration work
+    device = resolve_device(config.device)
+    pruner = get_pruner(config.method, blocksize=config.blocksize, damp=config.damp)
+    if pruner.stats_kind == "none" and calibration is None:
+        # magnitude needs no data: one short window keeps the engine path uniform and cheap
+        ids = torch.zeros(1, 1, dtype=torch.long)
+        calib = {"source": None, "nsamples": 0, "seqlen": 0, "seed": config.seed}
+    else:
+        ids, calib = calibration_tokens(config, model, tokenizer, calibration)
+    t1 = time.perf_counter()
+    sparsity = config.target_sparsity
+    layers = run_sequential(
+        model, ids, pruner, sparsity_of=lambda name: sparsity, nm=config.nm,
+        targets=config.targets, ignore=config.ignore, device=device,
+        batch_size=config.batch_size, progress=progress,
+    )
+    t2 = time.perf_counter()
+    cfg = config.model_dump()
+    cfg["target_sparsity"] = sparsity
+    name = config.model or getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
+    return PruneReport(
+        config=cfg, model=str(name), calibration=calib, layers=layers,
+        seconds={"calibration": t1 - t0, "prune": t2 - t1},
+    )
+
+
+def prune_checkpoint(
+    config: PruneConfig, output: str | Path, overwrite: bool = False, progress: bool = True
+) -> PruneReport:
+    """Load ``config.model`` (or the embedded default), prune it, and save it to ``output``."""
+    from .models import load_model
+    from .save import check_output, save_pruned
+
+    check_output(output, overwrite)
+    t0 = time.perf_counter()
+    model, tokenizer, source = load_model(
+        config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+        allow_pickle=config.allow_pickle,
+    )
+    t_load = time.perf_counter() - t0
+    report = prune(model, tokenizer, config, progress=progress)
+    report.model = config.model or f"embedded:{source}"
+    t1 = time.perf_counter()
+    save_pruned(model, tokenizer, output, report, overwrite=overwrite)
+    report.seconds = {"load": t_load, **report.seconds, "save": time.perf_counter() - t1,
+                      "total": time.perf_counter() - t0}
+    # the report on disk gets the final timings too
+    import json
+
+    from .save import REPORT_FILE
+
+    (Path(output) / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report

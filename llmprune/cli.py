@@ -1,0 +1,142 @@
+"""Command line: a thin layer that parses flags into a :class:`PruneConfig` and calls the API.
+
+Flags are generated from the config's fields (``nsamples`` -> ``--nsamples``,
+``trust_remote_code`` -> ``--trust-remote-code``) with the fields' own help texts, so the CLI,
+the YAML recipes and the Python API cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from typing import Any, Sequence
+
+from .config import ConfigError, PruneConfig
+
+log = logging.getLogger("llmprune")
+
+PRUNE_EPILOG = """\
+examples:
+  llmprune prune --data-dir ../shared/data --nsamples 32 --seqlen 512 --output out/
+      (prunes the embedded SmolLM2-135M-Instruct with SparseGPT at 50 %)
+  llmprune prune HuggingFaceTB/SmolLM2-135M --method sparsegpt --sparsity 0.5 --output out/
+  llmprune prune meta-llama/Llama-3.1-8B --method wanda --pattern 2:4 --device cuda --output out/
+  llmprune prune --recipe recipes/sparsegpt-2of4.yaml --output out/
+
+The result loads with AutoModelForCausalLM.from_pretrained(OUTPUT); config.json gets an
+"llmprune" block and OUTPUT/llmprune_report.json holds per-module sparsity and errors.
+"""
+
+
+def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
+    """argparse ``type`` and ``choices`` for a config field's annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, list(typing.get_args(annotation))
+    if args:  # Optional[X] / Union
+        inner = args[0]
+        if typing.get_origin(inner) is typing.Literal:
+            return str, list(typing.get_args(inner))
+        return inner, None
+    return annotation, None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ("model",)) -> None:
+    """One flag per :class:`PruneConfig` field; defaults stay unset so recipes are not overridden."""
+    for name, field in PruneConfig.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        help_ = f"{field.description} (default: {default})"
+        typ, choices = _flag_type(field.annotation)
+        if typ is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_)
+        else:
+            metavar = None if choices else name.upper()
+            parser.add_argument(flag, dest=name, type=typ, choices=choices, metavar=metavar,
+                                default=argparse.SUPPRESS, help=help_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmprune", description="One-shot pruning of Hugging Face causal language models."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "prune",
+        help="prune a model and save a checkpoint that plain transformers loads",
+        description="Prune MODEL layer by layer with calibration data and save it to --output.",
+        epilog=PRUNE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", nargs="?", default=argparse.SUPPRESS, metavar="MODEL",
+                   help="Hub id or local folder; omitted: the embedded SmolLM2-135M-Instruct.")
+    p.add_argument("--recipe", metavar="FILE", help="YAML recipe; flags given on the command line override it.")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="Folder to write the pruned model to.")
+    p.add_argument("--overwrite", action="store_true", help="Replace --output if it already exists.")
+    add_config_flags(p)
+    _add_common(p)
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="No progress bars; warnings and errors only.")
+    p.add_argument("--verbose", "-v", action="store_true", help="Debug logging.")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def config_from_args(ns: argparse.Namespace) -> PruneConfig:
+    fields = {k: v for k, v in vars(ns).items() if k in PruneConfig.model_fields}
+    if ns.recipe:
+        return PruneConfig.from_yaml(ns.recipe, **fields)
+    return PruneConfig.build(fields, source="command line")
+
+
+def _cmd_prune(ns: argparse.Namespace) -> int:
+    from .api import prune_checkpoint
+
+    config = config_from_args(ns)
+    report = prune_checkpoint(config, ns.output, overwrite=ns.overwrite, progress=not ns.quiet)
+    print(report.summary())
+    print(f"\nsaved to {ns.output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    level = logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    from .data import CalibrationError
+    from .models import ModelLoadError
+    from .save import OutputExistsError
+
+    try:
+        return _cmd_prune(ns)
+    except (ConfigError, CalibrationError, ModelLoadError, OutputExistsError) as e:
+        print(f"llmprune: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"llmprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmprune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Typed, validated pruning configuration.
+
+Every field maps 1:1 to a YAML recipe key and a kebab-case CLI flag
+(``nsamples`` -> ``--nsamples``, ``trust_remote_code`` -> ``--trust-remote-code``).
+Values are validated here, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and how to fix it."""
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"2:4"`` -> (2, 4): keep N of every M consecutive inputs."""
+    if pattern == "unstructured":
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+    if not m:
+        raise ValueError(
+            f"pattern {pattern!r} is not understood; use 'unstructured' or 'N:M' such as '2:4' or '4:8'"
+        )
+    n, mm = int(m.group(1)), int(m.group(2))
+    if not 0 < n < mm:
+        raise ValueError(f"pattern {pattern!r} needs 0 < N < M (N weights kept in every group of M), e.g. '2:4'")
+    return n, mm
+
+
+class PruneConfig(BaseModel):
+    """What to prune, how, and with which calibration data."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str | None = Field(
+        None, description="Hub id or local folder; None prunes the embedded default SmolLM2-135M-Instruct."
+    )
+    method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
+        "sparsegpt", description="Pruning method: magnitude, wanda or sparsegpt."
+    )
+    sparsity: float | None = Field(
+        None,
+        description="Fraction of weights set to zero in each target, in [0, 1). "
+        "Defaults to 0.5 for 'unstructured' and to 1 - N/M for an N:M pattern.",
+    )
+    pattern: str = Field(
+        "unstructured", description="'unstructured', or 'N:M' to keep N of every M consecutive input weights."
+    )
+    calib: str = Field(
+        "c4",
+        description="Calibration source: 'c4', 'wikitext2', 'self', a .txt/.jsonl/.json/.parquet path, "
+        "or an HF dataset 'name[:config][:split]'.",
+    )
+    nsamples: int = Field(128, ge=1, description="Number of calibration windows.")
+    seqlen: int = Field(2048, ge=1, description="Tokens per calibration window (clipped to the model's context).")
+    seed: int = Field(0, description="Seed of the calibration window sampling.")
+    text_field: str = Field("text", description="Text field of .jsonl/.json/.parquet and HF dataset sources.")
+    data_dir: str | None = Field(
+        None, description="Folder with offline copies of the named datasets (also $LLMPRUNE_DATA_DIR)."
+    )
+    targets: str | None = Field(
+        None,
+        description="Regex on module names (relative to the decoder layer, e.g. 'mlp\\.'); "
+        "default: every Linear/Conv1D inside the decoder layers.",
+    )
+    ignore: str | None = Field(None, description="Regex on module names to leave dense.")
+    device: str = Field("auto", description="Compute device: 'cpu', 'cuda', 'cuda:N' or 'auto'.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Storage dtype of the model; statistics and pruning math run in float32."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
+    allow_pickle: bool = Field(
+        False, description="Allow loading .bin/.pt (pickle) weights when no safetensors exist."
+    )
+    # SparseGPT
+    blocksize: int = Field(128, ge=1, description="SparseGPT: columns per lazy-update block.")
+    damp: float = Field(
+        0.01, gt=0, lt=1, description="SparseGPT: Hessian damping as a fraction of its mean diagonal."
+    )
+    # Engine
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Calibration windows per layer forward. None runs the whole calibration batch through "
+        "each layer at once (one pass, true-sequential inside the layer) when it fits in memory, "
+        "else chunks with two passes.",
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _check_pattern(cls, v: str) -> str:
+        parse_pattern(v)
+        return v.strip()
+
+    @field_validator("sparsity")
+    @classmethod
+    def _check_sparsity(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v < 1.0:
+            raise ValueError(f"sparsity {v} is out of range; give a fraction in [0, 1), e.g. 0.5")
+        return v
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _check_regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"{v!r} is not a valid regular expression ({e})") from None
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"device {v!r} is not supported; choose one of: auto, cpu, cuda, cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _check_sparsity_vs_pattern(self) -> "PruneConfig":
+        nm = parse_pattern(self.pattern)
+        if nm is not None and self.sparsity is not None:
+            implied = 1 - nm[0] / nm[1]
+            if abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"sparsity {self.sparsity} contradicts pattern {self.pattern} (which means sparsity {implied:g}); "
+                    "leave sparsity unset for an N:M pattern"
+                )
+        return self
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        nm = self.nm
+        if nm is not None:
+            return 1 - nm[0] / nm[1]
+        return 0.5 if self.sparsity is None else self.sparsity
+
+    # ---- YAML ------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "PruneConfig":
+        """Load a recipe; ``overrides`` (e.g. from the CLI) win over the file's values."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} does not exist; give the path of a YAML file (see recipes/)")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {str(path)!r} must be a mapping of config fields, got {type(data).__name__}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.build(data, source=str(path))
+
+    @classmethod
+    def build(cls, data: dict[str, Any], source: str = "config") -> "PruneConfig":
+        """Validate ``data``; errors name the field, the value and the fix."""
+        try:
+            return cls(**data)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, source)) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude_defaults=False), sort_keys=False)
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    lines = [f"invalid {source}:"]
+    known = ", ".join(PruneConfig.model_fields)
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(config)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  unknown key {loc!r}; valid keys are: {known}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc} = {err.get('input')!r}: {msg}")
+    return "\n".join(lines)

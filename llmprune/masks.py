@@ -1,0 +1,53 @@
+"""Mask selection, shared by every pruner.
+
+A mask ``M`` has the weight's shape ``[out, in]`` and is True where a weight is *kept*
+(the ``M ⊙ W`` of the SparseGPT paper). Scores ``S`` rank weights: low scores are pruned.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Scope = Literal["row", "matrix"]
+
+
+def nm_mask(S: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive inputs of each row."""
+    out, cols = S.shape
+    if cols % m:
+        raise ValueError(
+            f"an {n}:{m} pattern needs the input dimension to be a multiple of {m}, got {cols}; "
+            "exclude this module with --ignore or use an unstructured pattern"
+        )
+    G = S.reshape(out, cols // m, m)  # [out, groups, m]
+    keep = torch.topk(G, n, dim=-1).indices  # [out, groups, n]
+    M = torch.zeros_like(G, dtype=torch.bool).scatter_(-1, keep, True)
+    return M.reshape(out, cols)
+
+
+def unstructured_mask(S: torch.Tensor, sparsity: float, scope: Scope) -> torch.Tensor:
+    """Prune the ``floor(sparsity * size)`` lowest scores, per output row or per matrix."""
+    if scope == "row":
+        k = int(S.shape[1] * sparsity)  # pruned per row
+        M = torch.ones_like(S, dtype=torch.bool)
+        if k > 0:
+            idx = torch.topk(S, k, dim=1, largest=False).indices  # [out, k]
+            M.scatter_(1, idx, False)
+        return M
+    k = int(S.numel() * sparsity)
+    M = torch.ones(S.numel(), dtype=torch.bool, device=S.device)
+    if k > 0:
+        idx = torch.topk(S.flatten(), k, largest=False).indices  # [k]
+        M[idx] = False
+    return M.reshape(S.shape)
+
+
+def select_mask(
+    S: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None, scope: Scope = "row"
+) -> torch.Tensor:
+    """Keep-mask from scores: N:M when ``nm`` is given, else unstructured at ``sparsity``."""
+    if nm is not None:
+        return nm_mask(S, *nm)
+    return unstructured_mask(S, sparsity, scope)

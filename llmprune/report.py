@@ -1,0 +1,120 @@
+"""What a pruning run did: per-module sparsity and error, per-layer time, and the run's settings."""
+
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .engine import LayerReport
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("llmprune", "torch", "transformers", "accelerate", "safetensors", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class PruneReport:
+    config: dict[str, Any]
+    model: str
+    calibration: dict[str, Any]
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # load, calibration, prune, save, total
+    versions: dict[str, str] = field(default_factory=library_versions)
+
+    @property
+    def modules(self):
+        return [m for layer in self.layers for m in layer.modules]
+
+    @property
+    def sparsity(self) -> float:
+        """Measured sparsity over all pruned weights (weighted by size)."""
+        mods = self.modules
+        total = sum(m.shape[0] * m.shape[1] for m in mods)
+        zeros = sum(m.sparsity * m.shape[0] * m.shape[1] for m in mods)
+        return zeros / total if total else 0.0
+
+    @property
+    def pruned_params(self) -> int:
+        return sum(m.shape[0] * m.shape[1] for m in self.modules)
+
+    def metadata(self) -> dict[str, Any]:
+        """The block written into ``config.json`` under ``"llmprune"``."""
+        return {
+            "method": self.config["method"],
+            "pattern": self.config["pattern"],
+            "target_sparsity": self.config.get("target_sparsity"),
+            "measured_sparsity": round(self.sparsity, 6),
+            "module_sparsity": {m.name: round(m.sparsity, 6) for m in self.modules},
+            "calibration": self.calibration,
+            "seed": self.config["seed"],
+            "config": self.config,
+            "versions": self.versions,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(x: Any) -> Any:
+            if isinstance(x, float) and not math.isfinite(x):
+                return None
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [clean(v) for v in x]
+            return x
+
+        return clean(
+            {
+                "model": self.model,
+                "config": self.config,
+                "calibration": self.calibration,
+                "measured_sparsity": self.sparsity,
+                "pruned_params": self.pruned_params,
+                "seconds": self.seconds,
+                "versions": self.versions,
+                "layers": [
+                    {"index": l.index, "seconds": l.seconds, "error": l.error,
+                     "modules": [asdict(m) for m in l.modules]}
+                    for l in self.layers
+                ],
+            }
+        )
+
+    def summary(self) -> str:
+        """A plain-text table: one row per module kind (e.g. ``self_attn.q_proj``), then totals."""
+        kinds: dict[str, list] = {}
+        for layer in self.layers:
+            for m in layer.modules:
+                kind = m.name.split(f".{layer.index}.", 1)[-1]
+                kinds.setdefault(kind, []).append(m)
+        rows = [("module", "count", "shape", "target", "sparsity", "rel. error")]
+        for kind, mods in kinds.items():
+            errs = [m.error for m in mods if m.error == m.error]
+            rows.append((
+                kind, str(len(mods)), "x".join(map(str, mods[0].shape)),
+                f"{mods[0].target_sparsity:.3f}",
+                f"{sum(m.sparsity for m in mods) / len(mods):.4f}",
+                f"{sum(errs) / len(errs):.4f}" if errs else "-",
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        c = self.config
+        secs = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+        lines += [
+            "",
+            f"model {self.model}: {c['method']} {c['pattern']}, measured sparsity {self.sparsity:.4f} "
+            f"over {self.pruned_params:,} weights in {len(self.modules)} modules",
+            f"calibration {self.calibration.get('source')}: {self.calibration.get('nsamples')} x "
+            f"{self.calibration.get('seqlen')} tokens, seed {c['seed']}",
+            f"time: {secs}",
+        ]
+        return "\n".join(lines)

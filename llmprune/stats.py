@@ -1,0 +1,62 @@
+"""Input statistics of a linear map ``y = W x``, accumulated over calibration tokens.
+
+One place computes them for every pruner: ``"norms"`` keeps ``Σ x_j²`` per input feature
+(Wanda's ‖X_j‖₂²), ``"hessian"`` keeps ``H = Σ x xᵀ`` (SparseGPT's layer Hessian, up to the
+factor 2/n, which damping relative to the mean diagonal makes irrelevant). Both are summed in
+float32 whatever the activation dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+StatsKind = Literal["none", "norms", "hessian"]
+
+
+@dataclass
+class InputStats:
+    kind: StatsKind
+    n: int = 0  # tokens seen
+    sq: torch.Tensor | None = None  # [in]  Σ_t x_tj²
+    H: torch.Tensor | None = None  # [in, in]  Σ_t x_t x_tᵀ
+    sample: torch.Tensor | None = field(default=None, repr=False)  # [s, in] a few rows of X, for error estimates
+
+    def add(self, X: torch.Tensor, keep_sample: int = 0) -> None:
+        """Accumulate a batch of inputs ``X`` of shape ``[..., in]``."""
+        X = X.reshape(-1, X.shape[-1])  # [t, in]
+        if keep_sample and self.sample is None:
+            step = max(1, X.shape[0] // keep_sample)
+            self.sample = X[::step][:keep_sample].float().clone()  # [s, in]
+        self.n += X.shape[0]
+        if self.kind == "none":
+            return
+        X = X.float()
+        if self.kind == "norms":
+            sq = X.pow(2).sum(0)  # [in]
+            self.sq = sq if self.sq is None else self.sq.add_(sq)
+        else:
+            if self.H is None:
+                self.H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+            self.H.addmm_(X.T, X)  # H += Xᵀ X  [in, in]
+
+    @property
+    def col_sq_norms(self) -> torch.Tensor:
+        """``Σ_t x_tj²`` per input feature ``j``, from whichever statistic was kept."""
+        if self.sq is not None:
+            return self.sq
+        if self.H is not None:
+            return torch.diagonal(self.H)
+        raise ValueError("these statistics hold no activation norms; accumulate with kind='norms' or 'hessian'")
+
+
+def relative_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor | None) -> float:
+    """‖(W − Ŵ) Xᵀ‖_F / ‖W Xᵀ‖_F on sample inputs ``X [s, in]``; NaN when no sample was kept."""
+    if X is None or X.numel() == 0:
+        return float("nan")
+    Y = X @ W.T  # [s, out]
+    dY = X @ (W - W_hat).T  # [s, out]
+    denom = Y.norm()
+    return float(dY.norm() / denom) if denom > 0 else 0.0

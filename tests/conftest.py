@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random models of every supported architecture, built from configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 128
+
+# One tiny config per supported architecture. Dimensions are multiples of 8 so every N:M
+# pattern up to 4:8 applies to every module.
+ARCH_CONFIGS = {
+    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, sliding_window=8)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    sliding_window=8)),
+    "phi3": ("Phi3Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
+    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                              word_embed_proj_dim=64, max_position_embeddings=64)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)),
+    "mixtral": ("MixtralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2)),
+}
+ARCHS = list(ARCH_CONFIGS)
+
+
+def make_tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls_name, kwargs = ARCH_CONFIGS[arch]
+    config = getattr(transformers, cls_name)(vocab_size=VOCAB, **{**kwargs, **overrides})
+    config._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model
+
+
+@pytest.fixture
+def calib_ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, VOCAB, (6, 16), generator=g)  # [n, L]
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The offline data folder: $LLMPRUNE_DATA_DIR, else shared/data beside the repository."""
+    path = Path(os.environ.get("LLMPRUNE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    if not (path / "c4").is_dir():
+        pytest.skip(f"offline data dir {path} not found")
+    return path
