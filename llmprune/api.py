@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import torch
 
 from .config import PruneConfig
 from .engine import find_decoder_layers, resolve_device, run_sequential
+from .offload import DiskOffloader
 from .pruners import get_pruner
 from .report import PruneReport
 
@@ -56,13 +59,16 @@ def prune(
     config: PruneConfig | dict | None = None,
     calibration: Any = None,
     progress: bool = True,
+    offload_dir: str | Path | None = None,
     **overrides: Any,
 ) -> PruneReport:
     """Prune ``model`` in place and return a :class:`PruneReport`.
 
     ``calibration`` may be a named source or path (overriding ``config.calib``), a LongTensor
     ``[n, L]``, a list of token lists or a DataLoader; ``overrides`` set config fields, e.g.
-    ``prune(model, tok, method="wanda", pattern="2:4")``.
+    ``prune(model, tok, method="wanda", pattern="2:4")``. With ``offload_dir``, finished CPU layers
+    are moved into memory-mapped files there (see :mod:`llmprune.offload`); the folder must then
+    live as long as the model.
     """
     if config is None:
         config = PruneConfig.build(overrides)
@@ -86,6 +92,7 @@ def prune(
         model, ids, pruner, sparsity_of=lambda name: sparsity, nm=config.nm,
         targets=config.targets, ignore=config.ignore, device=device,
         batch_size=config.batch_size, progress=progress,
+        on_layer_done=DiskOffloader(offload_dir) if offload_dir is not None else None,
     )
     t2 = time.perf_counter()
     cfg = config.model_dump()
@@ -111,10 +118,16 @@ def prune_checkpoint(
         allow_pickle=config.allow_pickle,
     )
     t_load = time.perf_counter() - t0
-    report = prune(model, tokenizer, config, progress=progress)
-    report.model = config.model or f"embedded:{source}"
-    t1 = time.perf_counter()
-    save_pruned(model, tokenizer, output, report, overwrite=overwrite)
+    out = Path(output).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    offload = Path(tempfile.mkdtemp(prefix=f".{out.name}.offload-", dir=out.parent))
+    try:
+        report = prune(model, tokenizer, config, progress=progress, offload_dir=offload)
+        report.model = config.model or f"embedded:{source}"
+        t1 = time.perf_counter()
+        save_pruned(model, tokenizer, output, report, overwrite=overwrite)
+    finally:
+        shutil.rmtree(offload, ignore_errors=True)  # mapped pages stay valid until the model is freed
     report.seconds = {"load": t_load, **report.seconds, "save": time.perf_counter() - t1,
                       "total": time.perf_counter() - t0}
     # the report on disk gets the final timings too
@@ -122,5 +135,5 @@ def prune_checkpoint(
 
     from .save import REPORT_FILE
 
-    (Path(output) / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report

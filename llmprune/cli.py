@@ -114,7 +114,24 @@ def _cmd_prune(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _return_freed_memory_to_os() -> None:
+    """Serve large allocations from mmap so freed activations go back to the OS.
+
+    glibc's adaptive threshold otherwise keeps freed blocks of up to 32 MB in the heap, and the
+    per-layer activations of a pruning run fragment it (measured: +30 MB resident per layer).
+    The CLI owns its process, so it may set this; the library never does.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+        except (OSError, AttributeError):
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _return_freed_memory_to_os()
     parser = build_parser()
     ns = parser.parse_args(argv)
     level = logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO

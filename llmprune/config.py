@@ -18,6 +18,25 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 integers, so an unquoted ``pattern: 2:4`` stays the string '2:4'."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0o?[0-7_]+)$"), list("-+0123456789")
+)
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and how to fix it."""
 
@@ -96,6 +115,16 @@ class PruneConfig(BaseModel):
         "else chunks with two passes.",
     )
 
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _pattern_not_number(cls, v: Any) -> Any:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            raise ValueError(
+                f"pattern was read as the number {v} (YAML reads an unquoted 2:4 as a base-60 integer); "
+                "quote it: pattern: \"2:4\""
+            )
+        return v
+
     @field_validator("pattern")
     @classmethod
     def _check_pattern(cls, v: str) -> str:
@@ -157,10 +186,13 @@ class PruneConfig(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe {str(path)!r} does not exist; give the path of a YAML file (see recipes/)")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {str(path)!r} must be a mapping of config fields, got {type(data).__name__}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "pattern" in overrides and "sparsity" not in overrides and parse_pattern(str(overrides["pattern"])):
+            data.pop("sparsity", None)  # an N:M override implies its own sparsity
+        data.update(overrides)
         return cls.build(data, source=str(path))
 
     @classmethod

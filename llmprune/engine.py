@@ -483,7 +483,7 @@ def run_sequential(
     device: str | torch.device = "cpu",
     batch_size: int | None = None,
     progress: bool = True,
-    on_layer_done: Callable[[int, LayerReport], None] | None = None,
+    on_layer_done: Callable[[int, nn.Module], None] | None = None,
 ) -> list[LayerReport]:
     """Prune ``model`` in place, decoder layer by decoder layer, on calibration ``input_ids [n, L]``."""
     from tqdm.auto import tqdm
@@ -533,7 +533,7 @@ def run_sequential(
             bar.set_postfix(err=f"{rep.error:.3f}", sec=f"{rep.seconds:.1f}")
             log.debug("layer %d: %.1fs, mean relative error %.4f", i, rep.seconds, rep.error)
             if on_layer_done is not None:
-                on_layer_done(i, rep)
+                on_layer_done(i, layer)
         if not any_target:
             raise ValueError(
                 f"no module matched targets={targets!r} ignore={ignore!r} inside the decoder layers; "

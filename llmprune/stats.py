@@ -33,14 +33,17 @@ class InputStats:
         self.n += X.shape[0]
         if self.kind == "none":
             return
-        X = X.float()
         if self.kind == "norms":
-            sq = X.pow(2).sum(0)  # [in]
-            self.sq = sq if self.sq is None else self.sq.add_(sq)
+            if self.sq is None:
+                self.sq = torch.zeros(X.shape[1], dtype=torch.float32, device=X.device)
+            for Xc in X.split(4096):  # bounded temporaries: X can be the whole calibration batch
+                self.sq.add_(Xc.float().pow(2).sum(0))  # [in]
         else:
             if self.H is None:
                 self.H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
-            self.H.addmm_(X.T, X)  # H += Xᵀ X  [in, in]
+            for Xc in X.split(8192):  # float32 copies of bf16/fp16 inputs stay bounded
+                Xc = Xc.float()  # [t_c, in]
+                self.H.addmm_(Xc.T, Xc)  # H += Xᵀ X  [in, in]
 
     @property
     def col_sq_norms(self) -> torch.Tensor:

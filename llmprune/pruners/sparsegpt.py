@@ -17,7 +17,9 @@ Deviations from the reference code (IST-DASLab/sparsegpt):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import torch
 
@@ -26,6 +28,19 @@ from ..stats import InputStats
 from .base import PruneResult, Pruner
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _single_thread(device: torch.device) -> Iterator[None]:
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class SparseGPT(Pruner):
@@ -62,12 +77,11 @@ class SparseGPT(Pruner):
         if stats.H is None:
             raise ValueError("SparseGPT needs the layer Hessian; accumulate statistics with kind='hessian'")
         W = W.clone().float()  # [out, in]
-        rows, cols = W.shape
+        cols = W.shape[1]
         H_inv, dead = self.inverse_hessian_factor(stats.H.float().clone(), stats.n)  # [in, in] upper
         W[:, dead] = 0
         if nm is not None:
             n_keep, m = nm
-            prune_n = m - n_keep
             if cols % m:
                 raise ValueError(
                     f"an {n_keep}:{m} pattern needs the input dimension to be a multiple of {m}, got {cols}; "
@@ -75,9 +89,10 @@ class SparseGPT(Pruner):
                 )
         M_pruned = torch.zeros_like(W, dtype=torch.bool)  # [out, in] True where pruned
 
-        for i1 in range(0, cols, self.blocksize):
-            i2 = min(i1 + self.blocksize, cols)
-            count = i2 - i1
+        # N:M groups must not straddle blocks: round the block to a multiple of M
+        bs = self.blocksize if nm is None else max(nm[1], self.blocksize // nm[1] * nm[1])
+        for i1 in range(0, cols, bs):
+            i2 = min(i1 + bs, cols)
             W1 = W[:, i1:i2].clone()  # [out, B]
             Err1 = torch.zeros_like(W1)  # [out, B]
             H_inv1 = H_inv[i1:i2, i1:i2]  # [B, B]
@@ -89,19 +104,10 @@ class SparseGPT(Pruner):
             else:
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
-            for i in range(count):
-                w = W1[:, i]  # [out]
-                if nm is not None and i % m == 0:
-                    S = W1[:, i : i + m].pow(2) / d[i : i + m].pow(2).unsqueeze(0)  # [out, m]
-                    idx = torch.topk(S, prune_n, dim=1, largest=False).indices  # [out, prune_n]
-                    mask1.scatter_(1, i + idx, True)
-                q = w.masked_fill(mask1[:, i], 0.0)  # [out]
-                err1 = (w - q) / d[i]  # [out]
-                W1[:, i:].sub_(err1.unsqueeze(1) @ H_inv1[i, i:].unsqueeze(0))
-                W1[:, i] = q
-                Err1[:, i] = err1
+            with _single_thread(W1.device):  # tiny per-column ops: thread sync would dominate
+                self._sweep(W1, Err1, H_inv1, d, mask1, nm)
 
-            W[:, i1:i2] = W1
+            W[:, i1:i2] = W1.masked_fill_(mask1, 0.0)
             M_pruned[:, i1:i2] = mask1
             W[:, i2:].sub_(Err1 @ H_inv[i1:i2, i2:])  # lazy batch update of the remaining columns
 
@@ -109,3 +115,19 @@ class SparseGPT(Pruner):
         M[:, dead] = False
         W.mul_(M)
         return PruneResult(W, M)
+
+    @staticmethod
+    def _sweep(W1, Err1, H_inv1, d, mask1, nm) -> None:
+        """Column-by-column OBS inside one block; N:M masks chosen as each group is reached."""
+        if nm is not None:
+            n_keep, m = nm
+            prune_n = m - n_keep
+        for i in range(W1.shape[1]):
+            w = W1[:, i]  # [out]
+            if nm is not None and i % m == 0:
+                S = W1[:, i : i + m].pow(2) / d[i : i + m].pow(2).unsqueeze(0)  # [out, m]
+                idx = torch.topk(S, prune_n, dim=1, largest=False).indices  # [out, prune_n]
+                mask1.scatter_(1, i + idx, True)
+            err1 = w.mul(mask1[:, i]).div_(d[i])  # [out] (w - q) / d with q = w off the mask
+            W1[:, i:].addr_(err1, H_inv1[i, i:], alpha=-1)  # OBS update; leaves q in column i
+            Err1[:, i] = err1
