@@ -30,6 +30,7 @@ DEFAULT_CONFIGS = [
     "magnitude:unstructured", "magnitude:2:4",
     "wanda:unstructured", "wanda:2:4",
     "sparsegpt:unstructured", "sparsegpt:2:4",
+    "sparsegpt:unstructured@self", "wanda:unstructured@self",
 ]
 # llm-compressor 0.14 oneshot on this protocol, from the issue (for reference beside our own run)
 PEER_REFERENCE = {"sparsegpt:unstructured": 42.07, "sparsegpt:2:4": 79.35, "wanda:unstructured": 45.78,
@@ -80,7 +81,8 @@ def machine() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="method:pattern entries")
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
+                    help="method:pattern[@calib] entries (calib defaults to c4), e.g. sparsegpt:2:4 wanda:unstructured@self")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
@@ -110,10 +112,12 @@ def main() -> int:
         print(f"{tool:13s} {spec:24s} wall {meas['wall_s']:7.1f}s  peak RSS {meas['peak_rss_mb']:7.0f} MB", flush=True)
 
     for spec in args.configs:
-        method, pattern = spec.split(":", 1)
-        folder = work / f"llmprune-{method}-{pattern.replace(':', 'of')}"
+        spec_mp, _, calib = spec.partition("@")
+        method, pattern = spec_mp.split(":", 1)
+        calib = calib or "c4"
+        folder = work / f"llmprune-{method}-{pattern.replace(':', 'of')}-{calib}"
         cmd = [sys.executable, "-m", "llmprune.cli", "prune", "--method", method, "--pattern", pattern,
-               "--calib", "c4", "--data-dir", args.data_dir, "--nsamples", str(args.nsamples),
+               "--calib", calib, "--data-dir", args.data_dir, "--nsamples", str(args.nsamples),
                "--seqlen", str(args.seqlen), "--seed", str(args.seed), "--dtype", "float32",
                "--device", "cpu", "--output", str(folder), "--overwrite", "--quiet"]
         record("llmprune", spec, folder, run_measured(cmd, env))
@@ -157,7 +161,7 @@ def write_results(args: argparse.Namespace, results: list[dict]) -> None:
         f"- date: {datetime.date.today().isoformat()}",
         f"- versions: {versions}",
         f"- protocol: embedded SmolLM2-135M-Instruct, float32, CPU; calibration {args.nsamples} x {args.seqlen} "
-        f"tokens from the local C4 slice (seed {args.seed}); perplexity on WikiText-2 raw test, seqlen "
+        f"tokens from the local C4 slice (`@self`: text sampled by the model itself), seed {args.seed}; perplexity on WikiText-2 raw test, seqlen "
         f"{args.ppl_seqlen}, first {args.ppl_windows} windows. Wall time and peak RSS are of the whole "
         "process (load, calibrate, prune, save), measured with wait4().",
         "",
@@ -168,7 +172,7 @@ def write_results(args: argparse.Namespace, results: list[dict]) -> None:
         ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
         wall = f"{r['wall_s']:.1f}" if "wall_s" in r else "-"
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
-        ref = PEER_REFERENCE.get(r["config"], "-") if r["tool"] == "llmprune" else "-"
+        ref = PEER_REFERENCE.get(r["config"], "-") if r["tool"] == "llmprune" else "-"  # @self has none
         lines.append(f"| {r['tool']} | {r['config']} | {ppl} | {wall} | {rss} | {ref} |")
     if peer:
         lines += ["", "Ratios against llm-compressor in this same run:", ""]

@@ -57,7 +57,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _T_START = time.perf_counter()
 
-import torch  # noqa: E402
+import torch
 
 
 def peak_rss_mb() -> float:

@@ -7,4 +7,4 @@ from .report import PruneReport
 
 __version__ = "0.1.0"
 
-__all__ = ["prune", "prune_checkpoint", "PruneConfig", "ConfigError", "PruneReport", "PRUNERS", "get_pruner"]
+__all__ = ["PRUNERS", "ConfigError", "PruneConfig", "PruneReport", "get_pruner", "prune", "prune_checkpoint"]

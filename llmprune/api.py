@@ -48,7 +48,7 @@ def calibration_tokens(config: PruneConfig, model, tokenizer, calibration: Any =
         source, tokenizer, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed,
         data_dir=config.data_dir, text_field=config.text_field, model=model,
     )
-    desc = {"source": describe_source(source), "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
+    desc = {"source": describe_source(source, config.data_dir), "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
             "seed": config.seed}
     return ids, desc
 
@@ -92,7 +92,7 @@ def prune(
         model, ids, pruner, sparsity_of=lambda name: sparsity, nm=config.nm,
         targets=config.targets, ignore=config.ignore, device=device,
         batch_size=config.batch_size, progress=progress,
-        on_layer_done=DiskOffloader(offload_dir) if offload_dir is not None else None,
+        residency=DiskOffloader(offload_dir) if offload_dir is not None else None,
     )
     t2 = time.perf_counter()
     cfg = config.model_dump()

@@ -11,7 +11,8 @@ import argparse
 import logging
 import sys
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .config import ConfigError, PruneConfig
 
@@ -138,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if ns.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     from .data import CalibrationError
     from .models import ModelLoadError
     from .save import OutputExistsError

@@ -156,7 +156,7 @@ class PruneConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _check_sparsity_vs_pattern(self) -> "PruneConfig":
+    def _check_sparsity_vs_pattern(self) -> PruneConfig:
         nm = parse_pattern(self.pattern)
         if nm is not None and self.sparsity is not None:
             implied = 1 - nm[0] / nm[1]
@@ -181,7 +181,7 @@ class PruneConfig(BaseModel):
 
     # ---- YAML ------------------------------------------------------------------------------
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> "PruneConfig":
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> PruneConfig:
         """Load a recipe; ``overrides`` (e.g. from the CLI) win over the file's values."""
         path = Path(path)
         if not path.is_file():
@@ -196,7 +196,7 @@ class PruneConfig(BaseModel):
         return cls.build(data, source=str(path))
 
     @classmethod
-    def build(cls, data: dict[str, Any], source: str = "config") -> "PruneConfig":
+    def build(cls, data: dict[str, Any], source: str = "config") -> PruneConfig:
         """Validate ``data``; errors name the field, the value and the fix."""
         try:
             return cls(**data)

@@ -21,8 +21,9 @@ import logging
 import re
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -372,14 +373,14 @@ class _LayerPruning:
     def all_targets(self) -> list[Target]:
         return self.targets + [t for g in self.groups for t in g.targets]
 
-    def __enter__(self) -> "_LayerPruning":
+    def __enter__(self) -> _LayerPruning:
         for t in self.targets:
             self.handles.append(t.module.register_forward_pre_hook(self._hook(t)))
         for g in self.groups:
             self.handles.append(g.module.register_forward_pre_hook(self._experts_hook(g), with_kwargs=True))
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
@@ -455,6 +456,14 @@ class _LayerPruning:
         self.seen.clear()
 
 
+class LayerResidency(Protocol):
+    """Where a decoder layer's weights live outside the moment it is pruned."""
+
+    def acquire(self, index: int, layer: nn.Module) -> None: ...
+
+    def release(self, index: int, layer: nn.Module) -> None: ...
+
+
 def plan_batch_size(nsamples: int, seqlen: int, layer: nn.Module, dtype: torch.dtype,
                     device: torch.device) -> int:
     """Largest calibration chunk whose per-layer activations fit comfortably in free memory."""
@@ -483,9 +492,14 @@ def run_sequential(
     device: str | torch.device = "cpu",
     batch_size: int | None = None,
     progress: bool = True,
-    on_layer_done: Callable[[int, nn.Module], None] | None = None,
+    residency: LayerResidency | None = None,
 ) -> list[LayerReport]:
-    """Prune ``model`` in place, decoder layer by decoder layer, on calibration ``input_ids [n, L]``."""
+    """Prune ``model`` in place, decoder layer by decoder layer, on calibration ``input_ids [n, L]``.
+
+    ``sparsity_of(name)`` gives each target's sparsity (one value, or per-layer allocations such as
+    OWL's); ``residency`` may bring each layer into memory before it is pruned and move it out after
+    (see :mod:`llmprune.offload`).
+    """
     from tqdm.auto import tqdm
 
     device = resolve_device(device) if isinstance(device, str) else device
@@ -511,6 +525,8 @@ def run_sequential(
             t0 = time.perf_counter()
             layer = layers[i]
             home = _module_device(layer)
+            if residency is not None:
+                residency.acquire(i, layer)
             layer.to(device)
             tgts, groups = find_targets(layer, f"{layers_name}.{i}", targets, ignore)
             any_target = any_target or bool(tgts) or bool(groups)
@@ -526,14 +542,14 @@ def run_sequential(
                     hidden[c] = calls[c][i](layer, hidden[c])
                 lp.prune_remaining()
             layer.to(home)
+            if residency is not None:
+                residency.release(i, layer)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rep = LayerReport(i, time.perf_counter() - t0, [lp.reports[t.name] for t in lp.all_targets])
             reports.append(rep)
             bar.set_postfix(err=f"{rep.error:.3f}", sec=f"{rep.seconds:.1f}")
             log.debug("layer %d: %.1fs, mean relative error %.4f", i, rep.seconds, rep.error)
-            if on_layer_done is not None:
-                on_layer_done(i, layer)
         if not any_target:
             raise ValueError(
                 f"no module matched targets={targets!r} ignore={ignore!r} inside the decoder layers; "

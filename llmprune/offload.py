@@ -1,15 +1,26 @@
-"""Keep finished decoder layers on disk, memory-mapped, instead of in RAM.
+"""Keep only the decoder layer being pruned resident in RAM.
 
-After a layer is pruned its tensors are written to files and the parameters are re-pointed at
-shared memory maps of those files. The pages are not resident until something reads them (the
-final save), so the resident memory of a run stays at about one layer plus activations instead
-of growing to the whole model. Used by :func:`llmprune.prune_checkpoint`, which owns the model;
-the folder must outlive the model's use and is removed by the caller.
+``transformers`` maps safetensors checkpoints into memory and makes the parameters views of
+that mapping, so a page becomes resident when first read and a private copy when written.
+Pruning reads and rewrites every layer, so a run's resident memory would grow to the whole
+model. :class:`DiskOffloader` bounds it, around each layer:
+
+- ``acquire``: the layer's CPU tensors are copied into fresh memory, and the pages they were
+  read from are handed back to the kernel (``madvise(MADV_PAGEOUT)``; advisory, so data is
+  never lost: a page read again is re-read from the file);
+- ``release``: the pruned tensors are written to files in ``folder`` and the parameters
+  re-pointed at shared memory maps of them, which stay off the resident set until read (by the
+  final save).
+
+Used by :func:`llmprune.prune_checkpoint`, which owns the model; the folder must outlive the
+model's use. On systems without ``madvise`` only the release step applies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -17,30 +28,56 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+_MADV_PAGEOUT = 21  # Linux >= 5.4
+_PAGE = 4096
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
 
 class DiskOffloader:
-    """Callable ``(index, layer)``: moves a CPU layer's parameters and buffers into ``folder``."""
+    """Layer residency for the engine: ``acquire(i, layer)`` before pruning, ``release(i, layer)`` after."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.bytes = 0
+        self._libc = _libc()
+
+    @staticmethod
+    def _cpu_params(layer: nn.Module):
+        for mname, mod in layer.named_modules():
+            for pname, p in mod.named_parameters(recurse=False):
+                if p.device.type == "cpu" and p.numel() > 0:
+                    yield f"{mname}.{pname}", p
+
+    def _page_out(self, t: torch.Tensor) -> None:
+        if self._libc is None:
+            return
+        start = t.data_ptr() // _PAGE * _PAGE
+        end = -(-(t.data_ptr() + t.numel() * t.element_size()) // _PAGE) * _PAGE
+        self._libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+
+    def acquire(self, index: int, layer: nn.Module) -> None:
+        for _, p in self._cpu_params(layer):
+            old = p.data
+            p.data = old.clone()
+            self._page_out(old)
 
     def _map(self, t: torch.Tensor, path: Path) -> torch.Tensor:
         t = t.detach().contiguous()
         t.view(-1).view(torch.uint8).numpy().tofile(path)
         self.bytes += t.numel() * t.element_size()
-        # one mapping per tensor: tensors that shared storage would look tied to save_pretrained
+        # one mapping per tensor: tensors sharing storage would look tied to save_pretrained
         return torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
 
-    def __call__(self, index: int, layer: nn.Module) -> None:
-        seen: dict[int, torch.Tensor] = {}
-        for mname, mod in layer.named_modules():
-            for pname, p in list(mod.named_parameters(recurse=False)):
-                if p.device.type != "cpu" or p.numel() == 0:
-                    continue
-                key = id(p.data.untyped_storage()), p.data.storage_offset(), tuple(p.shape)
-                if key not in seen:
-                    seen[key] = self._map(p.data, self.folder / f"{index}.{mname}.{pname}.bin")
-                p.data = seen[key]
+    def release(self, index: int, layer: nn.Module) -> None:
+        for name, p in self._cpu_params(layer):
+            p.data = self._map(p.data, self.folder / f"{index}.{name}.bin")
         log.debug("offloaded layer %d (%.1f MB so far)", index, self.bytes / 2**20)

@@ -81,9 +81,9 @@ class PruneReport:
                 "seconds": self.seconds,
                 "versions": self.versions,
                 "layers": [
-                    {"index": l.index, "seconds": l.seconds, "error": l.error,
-                     "modules": [asdict(m) for m in l.modules]}
-                    for l in self.layers
+                    {"index": layer.index, "seconds": layer.seconds, "error": layer.error,
+                     "modules": [asdict(m) for m in layer.modules]}
+                    for layer in self.layers
                 ],
             }
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -40,12 +39,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """The offline data folder: $LLMPRUNE_DATA_DIR, else shared/data beside the repository."""
-    path = Path(os.environ.get("LLMPRUNE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    if not (path / "c4").is_dir():
-        pytest.skip(f"offline data dir {path} not found")
-    return path
+def data_dir(shared_data_dir) -> Path:
+    return shared_data_dir
 
 
 @pytest.fixture

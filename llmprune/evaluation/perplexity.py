@@ -48,7 +48,7 @@ def wikitext2_test_text(data_dir: str | Path | None = None) -> str:
 
     try:
         rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-    except Exception as e:  # noqa: BLE001 - any Hub failure gets the same advice
+    except Exception as e:
         raise FileNotFoundError(
             f"WikiText-2 is not under data dir {data_dir!r} and the Hub could not be reached ({e}); "
             "pass --data-dir pointing at a folder with wikitext2/raw/wiki.test.raw"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import PruneResult, Pruner
+from .base import Pruner, PruneResult
 from .magnitude import Magnitude
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
@@ -20,4 +20,4 @@ def get_pruner(name: str, **options) -> Pruner:
     return cls()
 
 
-__all__ = ["PRUNERS", "PruneResult", "Pruner", "get_pruner", "Magnitude", "Wanda", "SparseGPT"]
+__all__ = ["PRUNERS", "Magnitude", "PruneResult", "Pruner", "SparseGPT", "Wanda", "get_pruner"]

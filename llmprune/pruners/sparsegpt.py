@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 from ..masks import unstructured_mask
 from ..stats import InputStats
-from .base import PruneResult, Pruner
+from .base import Pruner, PruneResult
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import torch
 
 from ..masks import select_mask
 from ..stats import InputStats
-from .base import PruneResult, Pruner
+from .base import Pruner, PruneResult
 
 
 class Wanda(Pruner):
