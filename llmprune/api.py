@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from .config import PruneConfig
-from .engine import find_decoder_layers, resolve_device, run_sequential
+from .engine import LayerResidency, find_decoder_layers, resolve_device, run_sequential
 from .offload import DiskOffloader
 from .pruners import get_pruner
 from .report import PruneReport
@@ -59,16 +60,15 @@ def prune(
     config: PruneConfig | dict | None = None,
     calibration: Any = None,
     progress: bool = True,
-    offload_dir: str | Path | None = None,
+    residency: LayerResidency | None = None,
     **overrides: Any,
 ) -> PruneReport:
     """Prune ``model`` in place and return a :class:`PruneReport`.
 
     ``calibration`` may be a named source or path (overriding ``config.calib``), a LongTensor
     ``[n, L]``, a list of token lists or a DataLoader; ``overrides`` set config fields, e.g.
-    ``prune(model, tok, method="wanda", pattern="2:4")``. With ``offload_dir``, finished CPU layers
-    are moved into memory-mapped files there (see :mod:`llmprune.offload`); the folder must then
-    live as long as the model.
+    ``prune(model, tok, method="wanda", pattern="2:4")``. ``residency`` (e.g. a
+    :class:`~llmprune.offload.DiskOffloader`) moves each layer in and out of memory around its pruning.
     """
     if config is None:
         config = PruneConfig.build(overrides)
@@ -92,7 +92,7 @@ def prune(
         model, ids, pruner, sparsity_of=lambda name: sparsity, nm=config.nm,
         targets=config.targets, ignore=config.ignore, device=device,
         batch_size=config.batch_size, progress=progress,
-        residency=DiskOffloader(offload_dir) if offload_dir is not None else None,
+        residency=residency,
     )
     t2 = time.perf_counter()
     cfg = config.model_dump()
@@ -108,10 +108,12 @@ def prune_checkpoint(
     config: PruneConfig, output: str | Path, overwrite: bool = False, progress: bool = True
 ) -> PruneReport:
     """Load ``config.model`` (or the embedded default), prune it, and save it to ``output``."""
+    from .data import resolve_data_dir
     from .models import load_model
-    from .save import check_output, save_pruned
+    from .save import REPORT_FILE, check_output, save_pruned
 
-    check_output(output, overwrite)
+    check_output(output, overwrite)  # bad output or data dir: fail before loading the model
+    resolve_data_dir(config.data_dir)
     t0 = time.perf_counter()
     model, tokenizer, source = load_model(
         config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
@@ -122,18 +124,15 @@ def prune_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     offload = Path(tempfile.mkdtemp(prefix=f".{out.name}.offload-", dir=out.parent))
     try:
-        report = prune(model, tokenizer, config, progress=progress, offload_dir=offload)
+        offloader = DiskOffloader(offload)
+        report = prune(model, tokenizer, config, progress=progress, residency=offloader)
         report.model = config.model or f"embedded:{source}"
         t1 = time.perf_counter()
-        save_pruned(model, tokenizer, output, report, overwrite=overwrite)
+        with offloader.paging_out():
+            save_pruned(model, tokenizer, output, report, overwrite=overwrite)
     finally:
         shutil.rmtree(offload, ignore_errors=True)  # mapped pages stay valid until the model is freed
     report.seconds = {"load": t_load, **report.seconds, "save": time.perf_counter() - t1,
                       "total": time.perf_counter() - t0}
-    # the report on disk gets the final timings too
-    import json
-
-    from .save import REPORT_FILE
-
-    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")  # with final timings
     return report

@@ -238,16 +238,6 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -516,10 +506,14 @@ def run_sequential(
         "one pass per layer (true-sequential)" if one_pass else "two passes per layer",
     )
 
+    if not any(any(find_targets(layer, "", targets, ignore)) for layer in layers):
+        raise ValueError(
+            f"no module matched targets={targets!r} ignore={ignore!r} inside the decoder layers; "
+            "names are relative to a layer, e.g. 'self_attn\\.q_proj' or 'mlp\\.'"
+        )
     reports: list[LayerReport] = []
     with inference_state(model):
         hidden, calls = capture_layer_inputs(model, layers, chunks, device)
-        any_target = False
         bar = tqdm(range(len(layers)), desc="pruning layers", unit="layer", disable=not progress)
         for i in bar:
             t0 = time.perf_counter()
@@ -529,7 +523,6 @@ def run_sequential(
                 residency.acquire(i, layer)
             layer.to(device)
             tgts, groups = find_targets(layer, f"{layers_name}.{i}", targets, ignore)
-            any_target = any_target or bool(tgts) or bool(groups)
             with _LayerPruning(tgts, groups, pruner, sparsity_of, nm, prune_in_hook=one_pass) as lp:
                 if not one_pass:  # pass 1: statistics over every chunk with the dense layer
                     for c in range(len(chunks)):
@@ -550,9 +543,4 @@ def run_sequential(
             reports.append(rep)
             bar.set_postfix(err=f"{rep.error:.3f}", sec=f"{rep.seconds:.1f}")
             log.debug("layer %d: %.1fs, mean relative error %.4f", i, rep.seconds, rep.error)
-        if not any_target:
-            raise ValueError(
-                f"no module matched targets={targets!r} ignore={ignore!r} inside the decoder layers; "
-                "names are relative to a layer, e.g. 'self_attn\\.q_proj' or 'mlp\\.'"
-            )
     return reports

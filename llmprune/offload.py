@@ -9,8 +9,9 @@ model. :class:`DiskOffloader` bounds it, around each layer:
   read from are handed back to the kernel (``madvise(MADV_PAGEOUT)``; advisory, so data is
   never lost: a page read again is re-read from the file);
 - ``release``: the pruned tensors are written to files in ``folder`` and the parameters
-  re-pointed at shared memory maps of them, which stay off the resident set until read (by the
-  final save).
+  re-pointed at shared memory maps of them, which stay off the resident set until read;
+- ``paging_out()``: while the final save reads every mapped tensor once, a background thread
+  keeps handing their clean pages back, so the save does not pull the whole model in.
 
 Used by :func:`llmprune.prune_checkpoint`, which owns the model; the folder must outlive the
 model's use. On systems without ``madvise`` only the release step applies.
@@ -18,9 +19,12 @@ model's use. On systems without ``madvise`` only the release step applies.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -49,6 +53,7 @@ class DiskOffloader:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.bytes = 0
         self._libc = _libc()
+        self._mapped: list[torch.Tensor] = []
 
     @staticmethod
     def _cpu_params(layer: nn.Module):
@@ -75,9 +80,32 @@ class DiskOffloader:
         t.view(-1).view(torch.uint8).numpy().tofile(path)
         self.bytes += t.numel() * t.element_size()
         # one mapping per tensor: tensors sharing storage would look tied to save_pretrained
-        return torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+        mapped = torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+        self._mapped.append(mapped)
+        return mapped
 
     def release(self, index: int, layer: nn.Module) -> None:
         for name, p in self._cpu_params(layer):
             p.data = self._map(p.data, self.folder / f"{index}.{name}.bin")
         log.debug("offloaded layer %d (%.1f MB so far)", index, self.bytes / 2**20)
+
+    @contextlib.contextmanager
+    def paging_out(self, interval: float = 0.05) -> Iterator[None]:
+        """Keep returning the mapped tensors' pages to the kernel while the block runs."""
+        if self._libc is None or not self._mapped:
+            yield
+            return
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                for t in self._mapped:
+                    self._page_out(t)
+
+        thread = threading.Thread(target=loop, name="llmprune-pageout", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
