@@ -37,10 +37,14 @@ def unstructured_mask(S: torch.Tensor, sparsity: float, scope: Scope) -> torch.T
             M.scatter_(1, idx, False)
         return M
     k = int(S.numel() * sparsity)
-    M = torch.ones(S.numel(), dtype=torch.bool, device=S.device)
-    if k > 0:
-        idx = torch.topk(S.flatten(), k, largest=False).indices  # [k]
-        M[idx] = False
+    if k == 0:
+        return torch.ones_like(S, dtype=torch.bool)
+    flat = S.flatten()  # [numel]
+    thresh = torch.kthvalue(flat, k).values  # k-th smallest: linear time, unlike a sort or top-k
+    M = flat > thresh
+    if int((~M).sum()) != k:  # ties at the threshold: fall back to an exact top-k
+        M = torch.ones_like(flat, dtype=torch.bool)
+        M[torch.topk(flat, k, largest=False).indices] = False
     return M.reshape(S.shape)
 
 
