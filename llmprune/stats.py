@@ -10,20 +10,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import torch
 
 StatsKind = Literal["none", "norms", "hessian"]
-
-
-try:  # symmetric rank-k update: half the work of X.T @ X on the CPU
-    from scipy.linalg.blas import ssyrk as _ssyrk
-except ImportError:  # pragma: no cover - scipy is optional
-    _ssyrk = None
-
-
-def _syrk_ok(X: torch.Tensor) -> bool:
-    return _ssyrk is not None and X.device.type == "cpu" and X.dtype == torch.float32 and X.is_contiguous()
 
 
 class InputStats:
@@ -40,20 +29,11 @@ class InputStats:
         self.kind = kind
         self.n = n  # tokens seen
         self.sq = sq  # [in]  Σ_t x_tj²
-        self._H = H  # [in, in]  Σ_t x_t x_tᵀ (only its lower triangle while _H_lower)
-        self._H_lower = False
+        self.H = H  # [in, in]  Σ_t x_t x_tᵀ
         self.sample = sample  # [s, in] a few rows of X, for error estimates
 
     def __repr__(self) -> str:
         return f"InputStats(kind={self.kind!r}, n={self.n})"
-
-    @property
-    def H(self) -> torch.Tensor | None:
-        """The full symmetric ``Σ x xᵀ`` (completed from its lower triangle on first access)."""
-        if self._H is not None and self._H_lower:
-            self._H.add_(torch.tril(self._H, diagonal=-1).T)
-            self._H_lower = False
-        return self._H
 
     def add(self, X: torch.Tensor, keep_sample: int = 0) -> None:
         """Accumulate a batch of inputs ``X`` of shape ``[..., in]``."""
@@ -70,22 +50,11 @@ class InputStats:
             for Xc in X.split(4096):  # bounded temporaries: X can be the whole calibration batch
                 self.sq.add_(Xc.float().pow(2).sum(0))  # [in]
         else:
-            if self._H is None:
-                self._H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
-                self._H_lower = True  # zeros: a valid lower triangle
+            if self.H is None:
+                self.H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
             for Xc in X.split(8192):  # float32 copies of bf16/fp16 inputs stay bounded
-                Xc = Xc.float().contiguous()  # [t_c, in]
-                if _syrk_ok(Xc):
-                    if not self._H_lower:  # completed earlier: continue on its lower triangle
-                        self._H, self._H_lower = self._H.tril(), True
-                    # Fortran views: Xc.T is [in, t] column-major and H.T shares H's memory; syrk
-                    # fills the Fortran upper triangle of H.T, i.e. the lower triangle of H.
-                    Hf = self._H.numpy().T
-                    res = _ssyrk(1.0, Xc.numpy().T, beta=1.0, c=Hf, trans=0, lower=0, overwrite_c=1)
-                    if res is not Hf and not np.shares_memory(res, Hf):  # scipy chose to copy
-                        Hf[...] = res
-                else:
-                    self.H.addmm_(Xc.T, Xc)  # H += Xᵀ X  [in, in] (completed first if needed)
+                Xc = Xc.float()  # [t_c, in]
+                self.H.addmm_(Xc.T, Xc)  # H += Xᵀ X  [in, in]
 
     @property
     def col_sq_norms(self) -> torch.Tensor:

@@ -104,11 +104,8 @@ class SparseGPT(Pruner):
             else:
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
-            if nm is None:  # mask fixed for the block: solve all columns at once
-                self._solve_block(W1, Err1, H_inv1, d, mask1)
-            else:  # N:M masks depend on the updates of earlier groups: column by column
-                with _single_thread(W1.device):  # tiny per-column ops: thread sync would dominate
-                    self._sweep(W1, Err1, H_inv1, d, mask1, nm)
+            with _single_thread(W1.device):  # tiny per-column ops: thread sync would dominate
+                self._sweep(W1, Err1, H_inv1, d, mask1, nm)
 
             W[:, i1:i2] = W1.masked_fill_(mask1, 0.0)
             M_pruned[:, i1:i2] = mask1
@@ -118,25 +115,6 @@ class SparseGPT(Pruner):
         M[:, dead] = False
         W.mul_(M)
         return PruneResult(W, M)
-
-    @staticmethod
-    def _solve_block(W1, Err1, H_inv1, d, mask1, rows: int = 256) -> None:
-        """The column sweep of :meth:`_sweep` in closed form, for a mask fixed up front.
-
-        Sweeping column i sets ``e_i = m_i · (w_i − Σ_{k<i} e_k U_ki) / U_ii`` (``U = H_inv1`` upper,
-        ``m`` the prune mask), so each row's errors solve the triangular system
-        ``e (D + Ũ diag(m)) = w ⊙ m`` with ``D = diag(U)`` and ``Ũ`` the strict upper part of ``U``;
-        a chunk of rows is solved at once, then all updates are applied with one matmul.
-        """
-        D = torch.diag(d)  # [B, B]
-        U_strict = torch.triu(H_inv1, diagonal=1)  # [B, B]
-        m = mask1.to(W1.dtype)  # [out, B]
-        for r0 in range(0, W1.shape[0], rows):
-            m_r = m[r0 : r0 + rows]  # [n, B]
-            A = D + U_strict.unsqueeze(0) * m_r.unsqueeze(1)  # [n, B, B], A[k, i] = U_ki · m_i
-            b = (W1[r0 : r0 + rows] * m_r).unsqueeze(1)  # [n, 1, B]
-            Err1[r0 : r0 + rows] = torch.linalg.solve_triangular(A, b, upper=True, left=False).squeeze(1)
-        W1.sub_(Err1 @ H_inv1)  # w_j -= Σ_{k≤j} e_k U_kj: the pruned weights reach zero
 
     @staticmethod
     def _sweep(W1, Err1, H_inv1, d, mask1, nm) -> None:
