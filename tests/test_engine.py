@@ -215,24 +215,16 @@ def test_targets_regex_prunes_only_matching_modules(calib_ids):
             assert torch.equal(W, ref[name]), name
 
 
-def test_ignore_regex_leaves_modules_dense(calib_ids):
-    model = make_tiny_model("llama")
-    ref = decoder_targets(copy.deepcopy(model), "llama")
-    report = _prune(model, calib_ids, ignore="down_proj")
-    assert not any("down_proj" in m.name for m in report.modules)
-    for name, W in decoder_targets(model, "llama").items():
-        if "down_proj" in name:
-            assert torch.equal(W, ref[name]), name
-        else:
-            assert sparsity(W) == 0.5, name
-
-
-def test_ignore_on_fused_experts(calib_ids):
-    model = make_tiny_model("mixtral")
-    ref = decoder_targets(copy.deepcopy(model), "mixtral")
-    _prune(model, calib_ids, ignore=r"experts\.down_proj")
-    for name, W in decoder_targets(model, "mixtral").items():
-        if "experts.down_proj" in name:
+@pytest.mark.parametrize(
+    "arch, ignore, dense", [("llama", "down_proj", "down_proj"), ("mixtral", r"experts\.down_proj", "experts.down_proj")]
+)
+def test_ignore_regex_leaves_modules_dense(calib_ids, arch, ignore, dense):
+    model = make_tiny_model(arch)
+    ref = decoder_targets(copy.deepcopy(model), arch)
+    report = _prune(model, calib_ids, ignore=ignore)
+    assert not any(dense in m.name for m in report.modules)
+    for name, W in decoder_targets(model, arch).items():
+        if dense in name:
             assert torch.equal(W, ref[name]), name
         else:
             assert sparsity(W) == 0.5, name
