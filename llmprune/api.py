@@ -14,29 +14,12 @@ import torch
 
 from .config import PruneConfig
 from .engine import LayerResidency, find_decoder_layers, resolve_device, run_sequential
+from .models import effective_seqlen
 from .offload import DiskOffloader
 from .pruners import get_pruner
 from .report import PruneReport
 
 log = logging.getLogger(__name__)
-
-
-def model_context(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-def effective_seqlen(model, seqlen: int) -> int:
-    """``seqlen`` clipped to the model's context, with a warning when clipped."""
-    ctx = model_context(model)
-    if ctx is not None and seqlen > ctx:
-        log.warning("seqlen %d exceeds the model's context %d; using %d", seqlen, ctx, ctx)
-        return ctx
-    return seqlen
 
 
 def calibration_tokens(config: PruneConfig, model, tokenizer, calibration: Any = None) -> tuple[torch.Tensor, dict]:
@@ -114,6 +97,10 @@ def prune_checkpoint(
 
     check_output(output, overwrite)  # bad output or data dir: fail before loading the model
     resolve_data_dir(config.data_dir)
+    if config.eval is not None and not config.eval.empty:
+        from .evaluation.evaluate import preflight
+
+        preflight(config.eval if config.eval.data_dir else config.eval.model_copy(update={"data_dir": config.data_dir}))
     t0 = time.perf_counter()
     model, tokenizer, source = load_model(
         config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
@@ -127,6 +114,14 @@ def prune_checkpoint(
         offloader = DiskOffloader(offload)
         report = prune(model, tokenizer, config, progress=progress, residency=offloader)
         report.model = config.model or f"embedded:{source}"
+        if config.eval is not None and not config.eval.empty:
+            from .evaluation import evaluate
+
+            t_eval = time.perf_counter()
+            ev = config.eval if config.eval.data_dir else config.eval.model_copy(update={"data_dir": config.data_dir})
+            report.evaluation = evaluate(model, tokenizer, ev, progress=progress, model_name=report.model,
+                                         pruning=report.metadata())
+            report.seconds["eval"] = time.perf_counter() - t_eval
         t1 = time.perf_counter()
         with offloader.paging_out():
             save_pruned(model, tokenizer, output, report, overwrite=overwrite)

@@ -14,7 +14,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from .config import ConfigError, PruneConfig
+from .config import ConfigError, EvalConfig, PruneConfig
 
 log = logging.getLogger("llmprune")
 
@@ -31,26 +31,45 @@ The result loads with AutoModelForCausalLM.from_pretrained(OUTPUT); config.json 
 """
 
 
+EVAL_EPILOG = """\
+examples:
+  llmprune eval out/ --ppl wikitext2,c4 --tasks piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa
+  llmprune eval --data-dir ../shared/data --ppl wikitext2 --max-windows 16
+      (the embedded SmolLM2-135M-Instruct; tasks read their documents from the data dir)
+  llmprune eval --compare MODEL out-wanda/ out-sparsegpt/ --ppl wikitext2 --tasks piqa --output cmp.json
+
+Perplexity follows the pruning papers: the WikiText-2 raw test split joined with "\\n\\n" (C4: the
+first 1,100 validation documents joined with " ", 256 windows), tokenized once, non-overlapping
+windows of --seqlen tokens, mean token NLL. Tasks run in-process through lm-eval; with a data dir
+the offline configs of eval/tasks/ are used (official names, prompts and metrics).
+"""
+
+
 def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
     """argparse ``type`` and ``choices`` for a config field's annotation."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is typing.Literal:
         return str, list(typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        return str, None  # comma-separated
     if args:  # Optional[X] / Union
         inner = args[0]
         if typing.get_origin(inner) is typing.Literal:
             return str, list(typing.get_args(inner))
+        if isinstance(inner, type) and issubclass(inner, EvalConfig):
+            return str, None  # --eval wikitext2,piqa
         return inner, None
     return annotation, None
 
 
-def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ("model",)) -> None:
-    """One flag per :class:`PruneConfig` field; defaults stay unset so recipes are not overridden."""
-    for name, field in PruneConfig.model_fields.items():
-        if name in skip:
+def add_config_flags(parser: argparse.ArgumentParser, config: type = PruneConfig,
+                     skip: Sequence[str] = ("model",), only: Sequence[str] | None = None) -> None:
+    """One flag per config field; defaults stay unset so recipes are not overridden."""
+    for name, field in config.model_fields.items():
+        if name in skip or (only is not None and name not in only):
             continue
         flag = "--" + name.replace("_", "-")
-        default = field.default
+        default = field.default if field.default_factory is None else field.default_factory()
         help_ = f"{field.description} (default: {default})"
         typ, choices = _flag_type(field.annotation)
         if typ is bool:
@@ -84,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="Replace --output if it already exists.")
     add_config_flags(p)
     _add_common(p)
+
+    e = sub.add_parser(
+        "eval",
+        help="perplexity and lm-eval task accuracy of one or more models",
+        description="Evaluate MODEL (a Hub id or folder; omitted: the embedded default) on perplexity "
+        "datasets and lm-eval tasks; with --compare, several models against the first.",
+        epilog=EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("models", nargs="*", metavar="MODEL",
+                   help="Hub ids or local folders; omitted: the embedded SmolLM2-135M-Instruct.")
+    e.add_argument("--compare", action="store_true",
+                   help="Evaluate every MODEL and tabulate each against the first, with deltas and a PNG chart.")
+    e.add_argument("--output", "-o", metavar="FILE", help="Write the results as JSON to FILE.")
+    e.add_argument("--chart", metavar="PNG", help="With --compare: where to draw the chart "
+                   "(default: FILE.png beside --output, else llmprune-compare.png).")
+    add_config_flags(e, EvalConfig)
+    add_config_flags(e, PruneConfig, only=("device", "dtype", "trust_remote_code", "allow_pickle"))
+    _add_common(e)
     return parser
 
 
@@ -96,6 +134,11 @@ def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+def eval_config_from_args(ns: argparse.Namespace) -> EvalConfig:
+    return EvalConfig.build({k: v for k, v in vars(ns).items() if k in EvalConfig.model_fields},
+                            source="command line")
 
 
 def config_from_args(ns: argparse.Namespace) -> PruneConfig:
@@ -111,7 +154,57 @@ def _cmd_prune(ns: argparse.Namespace) -> int:
     config = config_from_args(ns)
     report = prune_checkpoint(config, ns.output, overwrite=ns.overwrite, progress=not ns.quiet)
     print(report.summary())
+    if report.evaluation is not None:
+        print()
+        print(report.evaluation.markdown())
     print(f"\nsaved to {ns.output}")
+    return 0
+
+
+def _cmd_eval(ns: argparse.Namespace) -> int:
+    import gc
+    from pathlib import Path
+
+    from .engine import resolve_device
+    from .evaluation import compare_chart, compare_table, evaluate, save_all
+    from .evaluation.evaluate import preflight
+    from .models import load_model
+
+    cfg = eval_config_from_args(ns)
+    if cfg.empty:
+        raise ConfigError("nothing to evaluate; give --ppl (e.g. wikitext2) and/or --tasks (e.g. piqa)")
+    models = ns.models or [None]
+    if len(models) > 1 and not ns.compare:
+        raise ConfigError(f"{len(models)} models given; pass --compare to evaluate several models against the first")
+    load = PruneConfig.build({k: getattr(ns, k) for k in ("device", "dtype", "trust_remote_code", "allow_pickle")
+                              if hasattr(ns, k)}, source="command line")
+    preflight(cfg)  # unknown task or dataset: fail before loading anything
+    device = resolve_device(load.device)
+    results = []
+    for name in models:
+        model, tokenizer, source = load_model(name, dtype=load.dtype, trust_remote_code=load.trust_remote_code,
+                                              allow_pickle=load.allow_pickle)
+        model.to(device)
+        label = name or f"embedded:{source}"
+        r = evaluate(model, tokenizer, cfg, progress=not ns.quiet, model_name=label)
+        results.append(r)
+        print(f"\n## {label}\n")
+        print(r.markdown())
+        del model, tokenizer
+        gc.collect()
+    if ns.compare:
+        print("\n## comparison\n")
+        print(compare_table(results))
+        chart = Path(ns.chart) if ns.chart else (
+            Path(ns.output).with_suffix(".png") if ns.output else Path("llmprune-compare.png"))
+        compare_chart(results, chart)
+        print(f"\nchart: {chart}")
+        if ns.output:
+            save_all(results, ns.output)
+    elif ns.output:
+        results[0].save(ns.output)
+    if ns.output:
+        print(f"results: {ns.output}")
     return 0
 
 
@@ -147,9 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import ModelLoadError
     from .save import OutputExistsError
 
+    from .evaluation import DatasetError, TaskError
+
     try:
-        return _cmd_prune(ns)
-    except (ConfigError, CalibrationError, ModelLoadError, OutputExistsError) as e:
+        return _cmd_prune(ns) if ns.command == "prune" else _cmd_eval(ns)
+    except (ConfigError, CalibrationError, ModelLoadError, OutputExistsError, DatasetError, TaskError) as e:
         print(f"llmprune: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:

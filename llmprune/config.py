@@ -56,6 +56,90 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, mm
 
 
+def _split_list(v: Any) -> Any:
+    """``"wikitext2,c4"`` -> ``["wikitext2", "c4"]`` (CLI and YAML may give either form)."""
+    if isinstance(v, str):
+        return [x.strip() for x in v.split(",") if x.strip()]
+    return v
+
+
+class EvalConfig(BaseModel):
+    """What to evaluate a model on, and by which protocol."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    ppl: list[str] = Field(
+        default_factory=list,
+        description="Perplexity datasets, comma-separated: wikitext2, c4, or .txt/.jsonl/.json files.",
+    )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval tasks, comma-separated, e.g. piqa,arc_easy,hellaswag (offline configs: eval/tasks/).",
+    )
+    seqlen: int = Field(2048, ge=2, description="Perplexity window length in tokens (clipped to the model's context).")
+    max_windows: int | None = Field(None, ge=1, description="Score at most this many perplexity windows.")
+    limit: float | None = Field(
+        None, gt=0, description="Tasks: at most this many documents per task (a fraction if below 1)."
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Tasks: few-shot examples (default: each task's own).")
+    batch_size: str = Field(
+        "1", description="Windows / requests per forward: an integer, or 'auto' (lm-eval picks for tasks)."
+    )
+    include_path: list[str] = Field(
+        default_factory=list, description="Extra folders of lm-eval task YAML files, comma-separated."
+    )
+    task_source: Literal["auto", "local", "hub"] = Field(
+        "auto",
+        description="Task configs: 'local' (eval/tasks, data from the data dir), 'hub' (lm-eval's own), or "
+        "'auto' (local when a data dir is set and every task has an offline config).",
+    )
+    data_dir: str | None = Field(
+        None, description="Folder with offline copies of the datasets (also $LLMPRUNE_DATA_DIR)."
+    )
+
+    @field_validator("ppl", "tasks", "include_path", mode="before")
+    @classmethod
+    def _lists(cls, v: Any) -> Any:
+        return _split_list(v)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _check_batch_size(cls, v: Any) -> str:
+        s = str(v).strip()
+        if not (re.fullmatch(r"[1-9]\d*", s) or re.fullmatch(r"auto(:[1-9]\d*)?", s)):
+            raise ValueError(f"batch size {v!r} is not understood; give a positive integer or 'auto'")
+        return s
+
+    @field_validator("limit")
+    @classmethod
+    def _check_limit(cls, v: float | None) -> float | None:
+        if v is not None and v >= 1 and v != int(v):
+            raise ValueError(f"limit {v} must be a whole number of documents, or a fraction below 1")
+        return v
+
+    @property
+    def ppl_batch_size(self) -> int:
+        return int(self.batch_size) if self.batch_size.isdigit() else 1
+
+    @property
+    def task_limit(self) -> int | float | None:
+        if self.limit is None:
+            return None
+        return int(self.limit) if self.limit >= 1 else self.limit
+
+    @property
+    def empty(self) -> bool:
+        return not self.ppl and not self.tasks
+
+    @classmethod
+    def build(cls, data: dict[str, Any], source: str = "evaluation settings") -> EvalConfig:
+        """Validate ``data``; errors name the field, the value and the fix."""
+        try:
+            return cls(**data)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, source)) from None
+
+
 class PruneConfig(BaseModel):
     """What to prune, how, and with which calibration data."""
 
@@ -114,6 +198,19 @@ class PruneConfig(BaseModel):
         "each layer at once (one pass, true-sequential inside the layer) when it fits in memory, "
         "else chunks with two passes.",
     )
+    # Evaluation after pruning, on the model in memory
+    eval: EvalConfig | None = Field(
+        None,
+        description="Evaluate the pruned model before saving: 'wikitext2,piqa' (perplexity datasets and "
+        "lm-eval tasks, comma-separated); in a recipe, a mapping of evaluation settings.",
+    )
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _eval_list(cls, v: Any) -> Any:
+        if isinstance(v, (str, list)):
+            return split_eval_names(_split_list(v))
+        return v
 
     @field_validator("pattern", mode="before")
     @classmethod
@@ -192,6 +289,9 @@ class PruneConfig(BaseModel):
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if "pattern" in overrides and "sparsity" not in overrides and parse_pattern(str(overrides["pattern"])):
             data.pop("sparsity", None)  # an N:M override implies its own sparsity
+        if isinstance(overrides.get("eval"), (str, list)) and isinstance(data.get("eval"), dict):
+            # --eval names the datasets and tasks; the recipe's other evaluation settings stay
+            overrides["eval"] = {**data["eval"], **split_eval_names(_split_list(overrides["eval"]))}
         data.update(overrides)
         return cls.build(data, source=str(path))
 
@@ -207,12 +307,21 @@ class PruneConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(exclude_defaults=False), sort_keys=False)
 
 
+def split_eval_names(names: list[str]) -> dict[str, list[str]]:
+    """Sort ``--eval`` names into perplexity datasets (wikitext2, c4, text files) and lm-eval tasks."""
+    from .evaluation.perplexity import PPL_DATASETS
+
+    ppl = [n for n in names if n in PPL_DATASETS or Path(n).suffix in (".txt", ".jsonl", ".json")]
+    return {"ppl": ppl, "tasks": [n for n in names if n not in ppl]}
+
+
 def format_validation_error(e: ValidationError, source: str) -> str:
     lines = [f"invalid {source}:"]
-    known = ", ".join(PruneConfig.model_fields)
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(config)"
         if err["type"] == "extra_forbidden":
+            model = EvalConfig if (e.title == "EvalConfig" or err["loc"][:1] == ("eval",)) else PruneConfig
+            known = ", ".join(model.model_fields)
             lines.append(f"  unknown key {loc!r}; valid keys are: {known}")
         else:
             msg = err["msg"].removeprefix("Value error, ")

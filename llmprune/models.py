@@ -130,3 +130,21 @@ def load_model(
         raise
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     return m, tok, source
+
+
+def model_context(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def effective_seqlen(model, seqlen: int) -> int:
+    """``seqlen`` clipped to the model's context, with a warning when clipped."""
+    ctx = model_context(model)
+    if ctx is not None and seqlen > ctx:
+        log.warning("seqlen %d exceeds the model's context %d; using %d", seqlen, ctx, ctx)
+        return ctx
+    return seqlen

@@ -9,6 +9,8 @@ from typing import Any
 
 from .engine import LayerReport
 
+EVAL_FILE = "llmprune_eval.json"  # evaluation results saved beside a pruned checkpoint
+
 
 def library_versions() -> dict[str, str]:
     import importlib.metadata as md
@@ -30,6 +32,7 @@ class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # load, calibration, prune, save, total
     versions: dict[str, str] = field(default_factory=library_versions)
+    evaluation: Any = None  # EvalResults of the pruned model, when evaluated before saving
 
     @property
     def modules(self):
@@ -59,6 +62,7 @@ class PruneReport:
             "seed": self.config["seed"],
             "config": self.config,
             "versions": self.versions,
+            **({"eval": {"file": EVAL_FILE, "metrics": self.evaluation.metrics}} if self.evaluation else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +84,7 @@ class PruneReport:
                 "pruned_params": self.pruned_params,
                 "seconds": self.seconds,
                 "versions": self.versions,
+                "eval": self.evaluation.metrics if self.evaluation else None,
                 "layers": [
                     {"index": layer.index, "seconds": layer.seconds, "error": layer.error,
                      "modules": [asdict(m) for m in layer.modules]}

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .report import PruneReport
+from .report import EVAL_FILE, PruneReport
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def check_output(output: str | Path, overwrite: bool) -> Path:
 
 def save_pruned(model, tokenizer, output: str | Path, report: PruneReport, overwrite: bool = False) -> Path:
     """Save weights (safetensors, exact zeros), config with an ``llmprune`` block, tokenizer,
-    generation config and ``llmprune_report.json`` into ``output``."""
+    generation config, ``llmprune_report.json`` and (if evaluated) ``llmprune_eval.json`` into ``output``."""
     out = check_output(output, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -52,6 +52,8 @@ def save_pruned(model, tokenizer, output: str | Path, report: PruneReport, overw
         cfg["llmprune"] = report.metadata()
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        if report.evaluation is not None:
+            report.evaluation.save(tmp / EVAL_FILE)
         os.chmod(tmp, 0o755)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

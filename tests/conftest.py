@@ -75,3 +75,33 @@ def shared_data_dir() -> Path:
     if not (path / "c4").is_dir():
         pytest.skip(f"offline data dir {path} not found")
     return path
+
+
+def byte_tokenizer():
+    """One token per byte (259 ids with the specials), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny Llama checkpoint folder with the byte tokenizer (vocabulary large enough for it)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok = byte_tokenizer()
+    cfg = LlamaConfig(vocab_size=272, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                      **ARCH_CONFIGS["llama"][1])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCH_CONFIGS, make_tiny_model
+from conftest import byte_tokenizer, make_tiny_model
 from torch import nn
 
 import llmprune
@@ -27,33 +27,9 @@ TEXT = " ".join(
 
 
 
-def _tokenizer():
-    """One token per byte (259 ids with the specials), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama checkpoint folder (vocabulary large enough for the byte tokenizer)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    tok = _tokenizer()
-    cfg = LlamaConfig(vocab_size=272, bos_token_id=0, eos_token_id=1, pad_token_id=2, **ARCH_CONFIGS["llama"][1])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def model_dir(tiny_llama_dir) -> Path:
+    return tiny_llama_dir
 
 
 @pytest.fixture
@@ -117,9 +93,9 @@ def test_save_writes_the_tokenizer(pruned, tmp_path):
     from transformers import AutoTokenizer
 
     model, report = pruned
-    out = save_pruned(model, _tokenizer(), tmp_path / "out", report)
+    out = save_pruned(model, byte_tokenizer(), tmp_path / "out", report)
     tok = AutoTokenizer.from_pretrained(out)
-    assert tok("abc", add_special_tokens=False)["input_ids"] == _tokenizer()("abc", add_special_tokens=False)["input_ids"]
+    assert tok("abc", add_special_tokens=False)["input_ids"] == byte_tokenizer()("abc", add_special_tokens=False)["input_ids"]
 
 
 def test_existing_output_needs_overwrite(pruned, tmp_path):

@@ -1,14 +1,21 @@
 """Perplexity as the pruning papers compute it (SparseGPT, Wanda).
 
-WikiText-2: the raw test split joined with ``"\\n\\n"``, tokenized once, cut into
-non-overlapping windows of ``seqlen`` tokens (the tail shorter than a window is dropped); the
-perplexity is ``exp`` of the mean next-token NLL over all scored tokens, with the log-softmax
-taken in float32.
+- ``wikitext2``: the raw test split joined with ``"\\n\\n"``, tokenized once.
+- ``c4``: the first 1,100 documents of the English validation shard 0 joined with ``" "``,
+  tokenized once and cut to ``256 × seqlen`` tokens (from the Hub; offline, the local C4 slice of
+  the data dir is used the same way and the result says it is not comparable with the papers).
+- a ``.txt`` file (its text) or a ``.jsonl``/``.json`` file (records' ``text`` joined with
+  ``"\\n\\n"``).
+
+The token stream is cut into non-overlapping windows of ``seqlen`` tokens (the tail shorter than
+a window is dropped); perplexity is ``exp`` of the mean next-token NLL over all scored tokens
+(``seqlen - 1`` per window), with the log-softmax taken in float32.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -21,42 +28,202 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
+PPL_DATASETS = ("wikitext2", "c4")
+C4_HUB_FILE = "en/c4-validation.00000-of-00008.json.gz"  # allenai/c4, as in the papers' code
+C4_DOCS = 1100
+C4_WINDOWS = 256
+
+
+class DatasetError(ValueError):
+    """A perplexity dataset is unknown or cannot be read; the message says what to do."""
+
 
 @dataclass
 class PerplexityResult:
+    dataset: str
     ppl: float
     nll: float  # mean NLL per scored token
     seqlen: int
     windows: int
     tokens: int  # scored tokens
-    fingerprint: str  # sha256 prefix of the evaluated text
+    fingerprint: str  # sha256 prefix of the evaluated token ids
+    source: str  # where the text came from
+    comparable: bool  # False: not the papers' data (e.g. a local C4 slice)
     seconds: float
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass
+class TextSource:
+    name: str
+    text: str
+    source: str
+    comparable: bool = True
+    max_tokens_windows: int | None = None  # C4: keep the first N windows' worth of tokens
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _data_dir(data_dir: str | Path | None) -> Path | None:
+    d = data_dir or os.environ.get("LLMPRUNE_DATA_DIR")
+    return Path(d).expanduser() if d else None
+
+
 def wikitext2_test_text(data_dir: str | Path | None = None) -> str:
     """WikiText-2 raw test split joined with ``"\\n\\n"``: local copy first, else the Hub."""
-    data_dir = data_dir or os.environ.get("LLMPRUNE_DATA_DIR")
-    if data_dir:
-        path = Path(data_dir) / "wikitext2" / "raw" / "wiki.test.raw"
-        if path.is_file():
+    return load_text("wikitext2", data_dir).text
+
+
+def _read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
+    with path.open(encoding="utf-8") as f:
+        if path.suffix == ".json":
+            data = json.load(f)
+            rows = data if isinstance(data, list) else data.get("data", [])
+        else:
+            rows = [json.loads(line) for line in f if line.strip()]
+    try:
+        return [r[field] for r in rows]
+    except (KeyError, TypeError):
+        raise DatasetError(f"{path}: records have no {field!r} field; give a file whose records have 'text'") from None
+
+
+def load_text(name: str, data_dir: str | Path | None = None) -> TextSource:
+    """The text of a perplexity dataset: ``wikitext2``, ``c4`` or a ``.txt``/``.jsonl``/``.json`` path."""
+    root = _data_dir(data_dir)
+    if name == "wikitext2":
+        if root is not None and (root / "wikitext2" / "raw" / "wiki.test.raw").is_file():
+            path = root / "wikitext2" / "raw" / "wiki.test.raw"
             # the file's lines are the rows of the HF dataset's test split
-            return "\n\n".join(path.read_text(encoding="utf-8").split("\n")[:-1])
+            text = "\n\n".join(path.read_text(encoding="utf-8").split("\n")[:-1])
+            return TextSource(name, text, str(path))
+        rows = _hub_rows("wikitext", "wikitext-2-raw-v1", "test", None, root, "wikitext2/raw/wiki.test.raw")
+        return TextSource(name, "\n\n".join(rows), "hub:wikitext/wikitext-2-raw-v1:test")
+    if name == "c4":
+        hub_error = None
+        if not _hub_offline():
+            try:
+                rows = _hub_rows("allenai/c4", None, "validation", {"validation": C4_HUB_FILE}, root, None, limit=C4_DOCS)
+                return TextSource(name, " ".join(rows[:C4_DOCS]), f"hub:allenai/c4/{C4_HUB_FILE}",
+                                  max_tokens_windows=C4_WINDOWS)
+            except DatasetError as e:
+                hub_error = e
+        local = root / "c4" / "c4_validation_2k.jsonl" if root is not None else None
+        if local is not None and local.is_file():
+            log.warning("c4: the Hub is not reachable; using the local C4 slice %s the papers' way. It is not "
+                        "validation shard 0, so the perplexity is not comparable with published C4 numbers", local)
+            rows = _read_jsonl_texts(local)
+            return TextSource(name, " ".join(rows[:C4_DOCS]), str(local), comparable=False,
+                              max_tokens_windows=C4_WINDOWS)
+        raise DatasetError(
+            f"c4 needs the Hub ({hub_error or 'offline mode is set'}) or a data dir with c4/c4_validation_2k.jsonl "
+            f"(data dir: {str(root) if root else 'not set'}); pass --data-dir or set LLMPRUNE_DATA_DIR"
+        )
+    path = Path(name).expanduser()
+    if path.suffix in (".txt", ".jsonl", ".json"):
+        if not path.is_file():
+            raise DatasetError(f"perplexity file {name!r} does not exist")
+        if path.suffix == ".txt":
+            return TextSource(path.name, path.read_text(encoding="utf-8"), str(path))
+        return TextSource(path.name, "\n\n".join(_read_jsonl_texts(path)), str(path))
+    raise DatasetError(
+        f"unknown perplexity dataset {name!r}; choose one of: {', '.join(PPL_DATASETS)}, "
+        "or give a .txt/.jsonl/.json file"
+    )
+
+
+def _hub_rows(path: str, name: str | None, split: str, data_files: dict | None, root: Path | None,
+              local_hint: str | None, limit: int | None = None) -> list[str]:
     from datasets import load_dataset
 
     try:
-        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-    except Exception as e:
-        raise FileNotFoundError(
-            f"WikiText-2 is not under data dir {data_dir!r} and the Hub could not be reached ({e}); "
-            "pass --data-dir pointing at a folder with wikitext2/raw/wiki.test.raw"
+        if limit is not None and data_files is not None:
+            ds = load_dataset(path, name, data_files=data_files, split=split, streaming=True)
+            return [r["text"] for _, r in zip(range(limit), ds)]
+        return list(load_dataset(path, name, data_files=data_files, split=split)["text"])
+    except Exception as e:  # noqa: BLE001 - any failure to reach or read the Hub
+        hint = f"a data dir with {local_hint}" if local_hint else "the Hub"
+        raise DatasetError(
+            f"{path} could not be loaded from the Hub ({type(e).__name__}: {e}); data dir: "
+            f"{str(root) if root else 'not set'}. Pass --data-dir (or LLMPRUNE_DATA_DIR) pointing at {hint}"
         ) from e
-    return "\n\n".join(rows)
 
 
-@torch.no_grad()
+# ---------------------------------------------------------------------------------------------
+# Tokenization, once per (tokenizer, text)
+# ---------------------------------------------------------------------------------------------
+_TOKEN_CACHE: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _tokenizer_key(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    desc = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items())[:1000])
+    desc += repr(getattr(tokenizer, "add_bos_token", None)) + type(tokenizer).__name__
+    return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+def tokenize_once(tokenizer, text: str) -> torch.Tensor:
+    """``tokenizer(text).input_ids [T]``, cached in memory and under ``$LLMPRUNE_CACHE/tokens``."""
+    from ..models import cache_dir
+
+    key = (_tokenizer_key(tokenizer), hashlib.sha256(text.encode()).hexdigest()[:24])
+    if key in _TOKEN_CACHE:
+        return _TOKEN_CACHE[key]
+    path = cache_dir() / "tokens" / f"{key[0]}-{key[1]}.pt"
+    ids = None
+    if path.is_file():
+        try:
+            ids = torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed
+            ids = None
+    if ids is None:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "sequence longer than the model's maximum" is intended here
+        try:
+            ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)  # [T]
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(ids, tmp)
+            tmp.replace(path)
+        except OSError as e:
+            log.debug("token cache not written (%s)", e)
+    _TOKEN_CACHE[key] = ids
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def window_nll(model, windows: torch.Tensor, batch_size: int = 1, device: torch.device | None = None,
+               progress: bool = False, desc: str = "perplexity") -> float:
+    """Summed next-token NLL of ``windows [n, L]`` under ``model`` (float32 log-softmax)."""
+    from tqdm.auto import tqdm
+
+    device = device if device is not None else next(model.parameters()).device
+    n, L = windows.shape
+    total = torch.zeros((), dtype=torch.float64)
+    bar = tqdm(total=n * L, desc=desc, unit="tok", unit_scale=True, disable=not progress)
+    for b in range(0, n, batch_size):
+        x = windows[b : b + batch_size].to(device)  # [b, L]
+        logits = model(input_ids=x, use_cache=False).logits  # [b, L, V]
+        # cross_entropy = fused log-softmax + gather, in float32 whatever the model's dtype
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
+        total += nll.double().cpu()
+        del logits
+        bar.update(x.numel())
+    bar.close()
+    return float(total)
+
+
 def perplexity(
     model,
     tokenizer=None,
@@ -66,36 +233,49 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int = 1,
     device: str | torch.device | None = None,
+    progress: bool = False,
+    dataset: str = "text",
+    source: str = "",
+    comparable: bool = True,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``text`` (tokenized once) or on a token stream ``input_ids [T]``."""
     t0 = time.perf_counter()
     if input_ids is None:
         if text is None or tokenizer is None:
             raise ValueError("give either input_ids or both text and tokenizer")
-        input_ids = tokenizer(text, return_tensors="pt").input_ids[0]  # [T]
-        fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
-    else:
-        input_ids = input_ids.reshape(-1)
-        fingerprint = hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:16]
+        input_ids = tokenize_once(tokenizer, text)  # [T]
+    input_ids = input_ids.reshape(-1)
     n = input_ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise ValueError(f"the text has {input_ids.numel()} tokens, fewer than one window of {seqlen}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+        raise DatasetError(
+            f"{dataset}: the text has {input_ids.numel()} tokens, fewer than one window of {seqlen}; "
+            "lower --seqlen or give more text"
+        )
     windows = input_ids[: n * seqlen].reshape(n, seqlen)  # [n, L]
+    fingerprint = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
+    device = torch.device(device) if device is not None else None
     was_training = model.training
     model.eval()
-    total = 0.0
     try:
-        for b in range(0, n, batch_size):
-            x = windows[b : b + batch_size].to(device)  # [b, L]
-            logits = model(input_ids=x, use_cache=False).logits  # [b, L, V]
-            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [b, L-1, V]
-            total += -logp.gather(-1, x[:, 1:].unsqueeze(-1)).sum().item()
-            del logits, logp
+        total = window_nll(model, windows, batch_size, device, progress, desc=f"ppl {dataset}")
     finally:
         model.train(was_training)
     tokens = n * (seqlen - 1)
     nll = total / tokens
-    return PerplexityResult(math.exp(nll), nll, seqlen, n, tokens, fingerprint, time.perf_counter() - t0)
+    return PerplexityResult(dataset, math.exp(nll), nll, seqlen, n, tokens, fingerprint, source, comparable,
+                            time.perf_counter() - t0)
+
+
+def dataset_perplexity(model, tokenizer, name: str, seqlen: int = 2048, max_windows: int | None = None,
+                       batch_size: int = 1, data_dir: str | Path | None = None, device=None,
+                       progress: bool = False) -> PerplexityResult:
+    """Perplexity on a named dataset (``wikitext2``, ``c4``) or a text/jsonl file, the papers' way."""
+    src = load_text(name, data_dir)
+    ids = tokenize_once(tokenizer, src.text)  # [T]
+    if src.max_tokens_windows is not None:
+        ids = ids[: src.max_tokens_windows * seqlen]
+    return perplexity(model, input_ids=ids, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
+                      device=device, progress=progress, dataset=src.name, source=src.source,
+                      comparable=src.comparable)
