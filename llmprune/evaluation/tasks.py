@@ -100,7 +100,10 @@ def _task_manager(source: str, include_path: tuple[str, ...]):
     for p in paths:
         if not Path(p).is_dir():
             raise TaskError(f"include path {p!r} is not a folder; give a folder of lm-eval task YAML files")
-    return TaskManager(include_path=paths or None, include_defaults=True)
+    # Offline configs alone need none of lm-eval's ~200 task folders (indexing them takes ~15 s);
+    # an include path may build on them (groups, includes), so it gets them.
+    defaults = source != "local" or bool(include_path)
+    return TaskManager(include_path=paths or None, include_defaults=defaults)
 
 
 def check_tasks(tasks: list[str], manager) -> None:
