@@ -62,7 +62,9 @@ def prune(
     t0 = time.perf_counter()
     find_decoder_layers(model)  # fail on unsupported models before calibration work
     device = resolve_device(config.device)
-    pruner = get_pruner(config.method, blocksize=config.blocksize, damp=config.damp)
+    act_order = config.nm is not None if config.act_order is None else config.act_order
+    pruner = get_pruner(config.method, blocksize=config.blocksize, damp=config.damp, act_order=act_order,
+                        nm_exact=config.nm_exact)
     if pruner.stats_kind == "none" and calibration is None:
         # magnitude needs no data: one short window keeps the engine path uniform and cheap
         ids = torch.zeros(1, 1, dtype=torch.long)

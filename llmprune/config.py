@@ -190,6 +190,16 @@ class PruneConfig(BaseModel):
     damp: float = Field(
         0.01, gt=0, lt=1, description="SparseGPT: Hessian damping as a fraction of its mean diagonal."
     )
+    act_order: bool | None = Field(
+        None,
+        description="SparseGPT: visit input columns (whole N:M groups) by decreasing Hessian diagonal, as GPTQ's "
+        "act-order. None: on for N:M patterns, off for unstructured (whose blocks each get the same sparsity).",
+    )
+    nm_exact: bool = Field(
+        True,
+        description="SparseGPT N:M: prune the set of a group's weights with the least exact OBS loss (every "
+        "C(M, M-N) set scored); false: the reference's one-by-one saliency w^2 / [H^-1]_jj^2.",
+    )
     # Engine
     batch_size: int | None = Field(
         None,

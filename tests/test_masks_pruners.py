@@ -266,3 +266,63 @@ def test_sparsegpt_needs_a_hessian():
     with pytest.raises(ValueError, match="kind='hessian'"):
         SparseGPT().prune(W, _stats("norms", X), 0.5)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# SparseGPT N:M group choice and column order
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sparsegpt_group_mask_minimizes_the_output_error_of_the_sweep():
+    """Brute force over the 6 ways to prune 2 of a group's 4 columns: the OBS sweep (later columns
+    compensate) leaves the output error ΔW H ΔWᵀ; _group_mask must pick the cheapest."""
+    import itertools
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    H = A @ A.T + 0.1 * torch.eye(8, dtype=torch.float64)  # [in, in]: one group of 4, then 4 more columns
+    U = torch.linalg.cholesky(torch.linalg.inv(H)).T  # [in, in] upper: H⁻¹ = Uᵀ U
+    assert torch.allclose(U, U.triu()) and torch.allclose(U.T @ U, torch.linalg.inv(H))
+    W = torch.randn(64, 8, generator=g, dtype=torch.float64)  # [out, in]
+    M = SparseGPT._group_mask(W[:, :4].clone(), U[:4, :4], 2)  # [out, 4] True = prune
+    assert torch.equal(M.sum(1), torch.full((64,), 2))
+
+    def output_error(w: torch.Tensor, S: tuple[int, ...]) -> float:
+        q = w.clone()
+        for c in S:  # in column order; each pruned weight's error spread over the later columns
+            q[c:] -= q[c] / U[c, c] * U[c, c:]
+        d = q - w
+        return float(d @ H @ d)
+
+    greedy_worse = 0
+    for r in range(64):
+        loss = {S: output_error(W[r], S) for S in itertools.combinations(range(4), 2)}
+        chosen = tuple(torch.nonzero(M[r]).flatten().tolist())
+        assert loss[chosen] == pytest.approx(min(loss.values()), rel=1e-9)
+        S_ref = torch.topk(W[r, :4].pow(2) / torch.diagonal(U)[:4].pow(2), 2, largest=False).indices
+        greedy_worse += loss[tuple(sorted(S_ref.tolist()))] > loss[chosen] * (1 + 1e-9)
+    assert greedy_worse > 0  # the reference's one-by-one saliency is not always the optimum
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)], ids=["50%", "2:4", "4:8"])
+def test_sparsegpt_act_order_keeps_the_pattern_in_the_original_columns(llm_like_layer, nm):
+    W, X = llm_like_layer
+    res = SparseGPT(blocksize=16, act_order=True).prune(W, _stats("hessian", X), 0.5, nm)
+    assert float((res.W == 0).float().mean()) == pytest.approx(0.5)
+    assert torch.equal(res.W != 0, res.M)
+    if nm is not None:
+        n, m = nm
+        assert torch.all(res.M.reshape(W.shape[0], -1, m).sum(-1) == n)
+    # act-order visits the high-variance (outlier) inputs first; it must not do worse here
+    plain = SparseGPT(blocksize=16, act_order=False).prune(W, _stats("hessian", X), 0.5, nm)
+    assert relative_error(W, res.W, X) <= relative_error(W, plain.W, X) * 1.05
+
+
+def test_sparsegpt_act_order_is_a_no_op_when_the_diagonal_is_already_sorted():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 32, generator=g) * torch.linspace(3, 1, 32)  # decreasing input scale
+    W = torch.randn(16, 32, generator=g)
+    st = _stats("hessian", X)
+    a = SparseGPT(blocksize=8, act_order=True).prune(W, st, 0.5, (2, 4))
+    b = SparseGPT(blocksize=8, act_order=False).prune(W, st, 0.5, (2, 4))
+    assert torch.equal(a.M, b.M) and torch.allclose(a.W, b.W)

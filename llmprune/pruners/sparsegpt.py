@@ -9,6 +9,14 @@ per block from the saliency ``w² / [H⁻¹]_jj²``; N:M masks per group of M co
 is reached.
 
 Deviations from the reference code (IST-DASLab/sparsegpt):
+- N:M (``nm_exact``, default on): when a group of M columns is reached, every set of M - N weights
+  it could prune (per row) is scored by its exact OBS loss given the group's block of the
+  inverse-Hessian factor, and the cheapest set is pruned; the reference scores the columns one
+  by one (``w² / [H⁻¹]_jj²``), ignoring that pruning one weight of the group changes the others;
+- column order (``act_order``, GPTQ's act-order, default on for N:M): whole groups of columns are
+  visited by decreasing Hessian diagonal, so the inputs that matter most are pruned while the
+  most columns are left to absorb their error; the weight and mask are returned in the original
+  order, so N:M groups stay consecutive input columns;
 - an unstructured block prunes exactly ``floor(sparsity · block size)`` weights (the reference's
   ``<= threshold`` prunes one more and all ties);
 - if the damped Hessian is still not positive definite, damping is raised tenfold (up to three
@@ -18,6 +26,8 @@ Deviations from the reference code (IST-DASLab/sparsegpt):
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import logging
 from collections.abc import Iterator
 
@@ -43,13 +53,25 @@ def _single_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+@functools.lru_cache(maxsize=None)
+def _combinations_cpu(m: int, k: int) -> torch.Tensor:
+    rows = [[c in combo for c in range(m)] for combo in itertools.combinations(range(m), k)]
+    return torch.tensor(rows, dtype=torch.bool)  # [C(m, k), m]
+
+
+def _combinations(m: int, k: int, device: torch.device) -> torch.Tensor:
+    return _combinations_cpu(m, k).to(device)
+
+
 class SparseGPT(Pruner):
     name = "sparsegpt"
     stats_kind = "hessian"
 
-    def __init__(self, blocksize: int = 128, damp: float = 0.01):
+    def __init__(self, blocksize: int = 128, damp: float = 0.01, act_order: bool = False, nm_exact: bool = True):
         self.blocksize = blocksize
         self.damp = damp
+        self.act_order = act_order
+        self.nm_exact = nm_exact
 
     def inverse_hessian_factor(self, H: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Upper Cholesky factor of the damped ``H⁻¹`` and the mask of dead inputs."""
@@ -78,7 +100,17 @@ class SparseGPT(Pruner):
             raise ValueError("SparseGPT needs the layer Hessian; accumulate statistics with kind='hessian'")
         W = W.clone().float()  # [out, in]
         cols = W.shape[1]
-        H_inv, dead = self.inverse_hessian_factor(stats.H.float().clone(), stats.n)  # [in, in] upper
+        H = stats.H.float().clone()  # [in, in]
+        perm = None
+        if self.act_order:
+            g = 1 if nm is None else nm[1]
+            if cols % g == 0:
+                # visit groups of columns (whole N:M groups) by decreasing Hessian diagonal
+                order = torch.argsort(torch.diagonal(H).reshape(-1, g).sum(1), descending=True)  # [in/g]
+                perm = (order.unsqueeze(1) * g + torch.arange(g, device=H.device)).reshape(-1)  # [in]
+                H = H[perm][:, perm]
+                W = W[:, perm]
+        H_inv, dead = self.inverse_hessian_factor(H, stats.n)  # [in, in] upper
         W[:, dead] = 0
         if nm is not None:
             n_keep, m = nm
@@ -105,7 +137,7 @@ class SparseGPT(Pruner):
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
             with _single_thread(W1.device):  # tiny per-column ops: thread sync would dominate
-                self._sweep(W1, Err1, H_inv1, d, mask1, nm)
+                self._sweep(W1, Err1, H_inv1, d, mask1, nm, self.nm_exact)
 
             W[:, i1:i2] = W1.masked_fill_(mask1, 0.0)
             M_pruned[:, i1:i2] = mask1
@@ -114,10 +146,35 @@ class SparseGPT(Pruner):
         M = ~M_pruned
         M[:, dead] = False
         W.mul_(M)
+        if perm is not None:
+            inv = torch.argsort(perm)
+            W, M = W[:, inv], M[:, inv]
         return PruneResult(W, M)
 
     @staticmethod
-    def _sweep(W1, Err1, H_inv1, d, mask1, nm) -> None:
+    def _group_mask(W1: torch.Tensor, U: torch.Tensor, prune_n: int) -> torch.Tensor:
+        """Which ``prune_n`` of a group's ``m`` columns to prune, per row, by the exact OBS loss.
+
+        ``W1 [out, m]`` are the group's current weights and ``U [m, m]`` the group's block of the
+        upper factor of ``H⁻¹``. Pruning a set S of columns left to right costs
+        ``Σ_{c∈S} e_c²`` with ``e_c = w_c / U_cc`` and ``w_k -= e_c U_ck`` for later columns k: the
+        exact OBS loss ``w_Sᵀ ([H⁻¹]_SS)⁻¹ w_S``. Every one of the C(m, prune_n) sets is scored and
+        the cheapest kept; the reference scores columns one by one (``w² / d²``), ignoring how
+        pruning one column of the group changes the others.
+        """
+        m = W1.shape[1]
+        P = _combinations(m, prune_n, W1.device)  # [C, m] True = prune
+        w = W1.unsqueeze(1).expand(-1, P.shape[0], -1).clone()  # [out, C, m]
+        loss = torch.zeros(w.shape[:2], device=W1.device, dtype=W1.dtype)  # [out, C]
+        for c in range(m):
+            e = w[:, :, c] * P[:, c] / U[c, c]  # [out, C]
+            loss += e * e
+            if c + 1 < m:
+                w[:, :, c + 1 :] -= e.unsqueeze(-1) * U[c, c + 1 :]
+        return P[loss.argmin(dim=1)]  # [out, m]
+
+    @staticmethod
+    def _sweep(W1, Err1, H_inv1, d, mask1, nm, nm_exact: bool = True) -> None:
         """Column-by-column OBS inside one block; N:M masks chosen as each group is reached."""
         if nm is not None:
             n_keep, m = nm
@@ -125,9 +182,12 @@ class SparseGPT(Pruner):
         for i in range(W1.shape[1]):
             w = W1[:, i]  # [out]
             if nm is not None and i % m == 0:
-                S = W1[:, i : i + m].pow(2) / d[i : i + m].pow(2).unsqueeze(0)  # [out, m]
-                idx = torch.topk(S, prune_n, dim=1, largest=False).indices  # [out, prune_n]
-                mask1.scatter_(1, i + idx, True)
+                if nm_exact:
+                    mask1[:, i : i + m] = SparseGPT._group_mask(W1[:, i : i + m], H_inv1[i : i + m, i : i + m], prune_n)
+                else:  # the reference: the group's prune_n lowest w² / d²
+                    S = W1[:, i : i + m].pow(2) / d[i : i + m].pow(2).unsqueeze(0)  # [out, m]
+                    idx = torch.topk(S, prune_n, dim=1, largest=False).indices  # [out, prune_n]
+                    mask1.scatter_(1, i + idx, True)
             err1 = w.mul(mask1[:, i]).div_(d[i])  # [out] (w - q) / d with q = w off the mask
             W1[:, i:].addr_(err1, H_inv1[i, i:], alpha=-1)  # OBS update; leaves q in column i
             Err1[:, i] = err1
