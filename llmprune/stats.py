@@ -29,7 +29,8 @@ class InputStats:
         self.kind = kind
         self.n = n  # tokens seen
         self.sq = sq  # [in]  Σ_t x_tj²
-        self.H = H  # [in, in]  Σ_t x_t x_tᵀ
+        self._H = H  # [in, in]  Σ_t x_t x_tᵀ (only the upper block triangle while _partial)
+        self._partial = False
         self.sample = sample  # [s, in] a few rows of X, for error estimates
 
     def __repr__(self) -> str:
@@ -50,11 +51,34 @@ class InputStats:
             for Xc in X.split(4096):  # bounded temporaries: X can be the whole calibration batch
                 self.sq.add_(Xc.float().pow(2).sum(0))  # [in]
         else:
-            if self.H is None:
-                self.H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+            d = X.shape[1]
+            if self._H is None:
+                self._H = torch.zeros(d, d, dtype=torch.float32, device=X.device)
+            # H is symmetric: accumulate only its upper block triangle (blocks of ~384 columns:
+            # 10/16 of the flops for 4 blocks), and mirror it once when H is read
+            nb = max(1, round(d / 384))
+            bounds = [d * b // nb for b in range(nb + 1)]
             for Xc in X.split(8192):  # float32 copies of bf16/fp16 inputs stay bounded
                 Xc = Xc.float()  # [t_c, in]
-                self.H.addmm_(Xc.T, Xc)  # H += Xᵀ X  [in, in]
+                for i0, i1 in zip(bounds[:-1], bounds[1:]):
+                    self._H[i0:i1, i0:].addmm_(Xc[:, i0:i1].T, Xc[:, i0:])  # H[b, b:] += X_bᵀ X_b:
+            self._partial = nb > 1
+
+    @property
+    def H(self) -> torch.Tensor | None:
+        """``Σ_t x_t x_tᵀ [in, in]``, symmetric."""
+        if self._partial:
+            d = self._H.shape[0]
+            nb = max(1, round(d / 384))
+            bounds = [d * b // nb for b in range(nb + 1)]
+            for i0, i1 in zip(bounds[:-1], bounds[1:]):  # copy the upper blocks' transposes below
+                self._H[i1:, i0:i1] = self._H[i0:i1, i1:].T
+            self._partial = False
+        return self._H
+
+    @H.setter
+    def H(self, value: torch.Tensor | None) -> None:
+        self._H, self._partial = value, False
 
     @property
     def col_sq_norms(self) -> torch.Tensor:

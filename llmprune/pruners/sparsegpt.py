@@ -174,20 +174,33 @@ class SparseGPT(Pruner):
         return P[loss.argmin(dim=1)]  # [out, m]
 
     @staticmethod
-    def _sweep(W1, Err1, H_inv1, d, mask1, nm, nm_exact: bool = True) -> None:
-        """Column-by-column OBS inside one block; N:M masks chosen as each group is reached."""
+    def _sweep(W1, Err1, H_inv1, d, mask1, nm, nm_exact: bool = True, sub: int = 32) -> None:
+        """Column-by-column OBS inside one block; N:M masks chosen as each group is reached.
+
+        The block is swept in sub-blocks of ``sub`` columns: each column's update reaches the rest
+        of its sub-block only, and one matrix product per sub-block carries the sub-block's errors
+        to the rest of the block (the same arithmetic as updating the whole block per column, with
+        a quarter of the per-column work for 128-column blocks).
+        """
         if nm is not None:
             n_keep, m = nm
             prune_n = m - n_keep
-        for i in range(W1.shape[1]):
-            w = W1[:, i]  # [out]
-            if nm is not None and i % m == 0:
-                if nm_exact:
-                    mask1[:, i : i + m] = SparseGPT._group_mask(W1[:, i : i + m], H_inv1[i : i + m, i : i + m], prune_n)
-                else:  # the reference: the group's prune_n lowest w² / d²
-                    S = W1[:, i : i + m].pow(2) / d[i : i + m].pow(2).unsqueeze(0)  # [out, m]
-                    idx = torch.topk(S, prune_n, dim=1, largest=False).indices  # [out, prune_n]
-                    mask1.scatter_(1, i + idx, True)
-            err1 = w.mul(mask1[:, i]).div_(d[i])  # [out] (w - q) / d with q = w off the mask
-            W1[:, i:].addr_(err1, H_inv1[i, i:], alpha=-1)  # OBS update; leaves q in column i
-            Err1[:, i] = err1
+            sub = max(m, sub // m * m)  # N:M groups must not straddle sub-blocks
+        B = W1.shape[1]
+        for j1 in range(0, B, sub):
+            j2 = min(j1 + sub, B)
+            for i in range(j1, j2):
+                w = W1[:, i]  # [out]
+                if nm is not None and i % m == 0:
+                    if nm_exact:
+                        mask1[:, i : i + m] = SparseGPT._group_mask(W1[:, i : i + m], H_inv1[i : i + m, i : i + m],
+                                                                    prune_n)
+                    else:  # the reference: the group's prune_n lowest w² / d²
+                        S = W1[:, i : i + m].pow(2) / d[i : i + m].pow(2).unsqueeze(0)  # [out, m]
+                        idx = torch.topk(S, prune_n, dim=1, largest=False).indices  # [out, prune_n]
+                        mask1.scatter_(1, i + idx, True)
+                err1 = w.mul(mask1[:, i]).div_(d[i])  # [out] (w - q) / d with q = w off the mask
+                W1[:, i:j2].addr_(err1, H_inv1[i, i:j2], alpha=-1)  # OBS update; leaves q in column i
+                Err1[:, i] = err1
+            if j2 < B:  # lazy update of the rest of the block  [out, B - j2]
+                W1[:, j2:].addmm_(Err1[:, j1:j2], H_inv1[j1:j2, j2:], alpha=-1)
