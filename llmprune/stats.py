@@ -32,6 +32,7 @@ class InputStats:
         self._H = H  # [in, in]  Σ_t x_t x_tᵀ (only the upper block triangle while _partial)
         self._partial = False
         self.sample = sample  # [s, in] a few rows of X, for error estimates
+        self.cache: dict = {}  # derived data a pruner computes once for modules sharing these inputs
 
     def __repr__(self) -> str:
         return f"InputStats(kind={self.kind!r}, n={self.n})"
@@ -39,6 +40,7 @@ class InputStats:
     def add(self, X: torch.Tensor, keep_sample: int = 0) -> None:
         """Accumulate a batch of inputs ``X`` of shape ``[..., in]``."""
         X = X.reshape(-1, X.shape[-1])  # [t, in]
+        self.cache = {}
         if keep_sample and self.sample is None:
             step = max(1, X.shape[0] // keep_sample)
             self.sample = X[::step][:keep_sample].float().clone()  # [s, in]

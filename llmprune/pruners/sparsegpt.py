@@ -93,6 +93,24 @@ class SparseGPT(Pruner):
                 log.warning("Hessian not positive definite; retrying with damping %.3g", float(damp))
         raise AssertionError("unreachable")
 
+    def _factor(self, stats: InputStats, nm: tuple[int, int] | None):
+        """``(H_inv, dead, perm)`` of ``stats``, computed once for the modules that share an input (q/k/v)."""
+        key = ("sparsegpt", self.damp, self.act_order, None if nm is None else nm[1], stats.n)
+        if stats.cache.get("key") == key:
+            return stats.cache["value"]
+        H = stats.H.float().clone()  # [in, in]
+        perm = None
+        if self.act_order:
+            g = 1 if nm is None else nm[1]
+            if H.shape[0] % g == 0:
+                # visit groups of columns (whole N:M groups) by decreasing Hessian diagonal
+                order = torch.argsort(torch.diagonal(H).reshape(-1, g).sum(1), descending=True)  # [in/g]
+                perm = (order.unsqueeze(1) * g + torch.arange(g, device=H.device)).reshape(-1)  # [in]
+                H = H[perm][:, perm]
+        H_inv, dead = self.inverse_hessian_factor(H, stats.n)  # [in, in] upper
+        stats.cache = {"key": key, "value": (H_inv, dead, perm)}
+        return H_inv, dead, perm
+
     def prune(
         self, W: torch.Tensor, stats: InputStats, sparsity: float, nm: tuple[int, int] | None = None
     ) -> PruneResult:
@@ -100,17 +118,9 @@ class SparseGPT(Pruner):
             raise ValueError("SparseGPT needs the layer Hessian; accumulate statistics with kind='hessian'")
         W = W.clone().float()  # [out, in]
         cols = W.shape[1]
-        H = stats.H.float().clone()  # [in, in]
-        perm = None
-        if self.act_order:
-            g = 1 if nm is None else nm[1]
-            if cols % g == 0:
-                # visit groups of columns (whole N:M groups) by decreasing Hessian diagonal
-                order = torch.argsort(torch.diagonal(H).reshape(-1, g).sum(1), descending=True)  # [in/g]
-                perm = (order.unsqueeze(1) * g + torch.arange(g, device=H.device)).reshape(-1)  # [in]
-                H = H[perm][:, perm]
-                W = W[:, perm]
-        H_inv, dead = self.inverse_hessian_factor(H, stats.n)  # [in, in] upper
+        H_inv, dead, perm = self._factor(stats, nm)  # [in, in] upper, [in], [in] | None
+        if perm is not None:
+            W = W[:, perm]
         W[:, dead] = 0
         if nm is not None:
             n_keep, m = nm
