@@ -1,14 +1,35 @@
-"""llmprune: one-shot pruning of Hugging Face causal language models."""
+"""llmprune: one-shot pruning of Hugging Face causal language models, and their evaluation.
 
-from .api import prune, prune_checkpoint
-from .config import ConfigError, EvalConfig, PruneConfig
-from .evaluation import EvalResults, evaluate
-from .pruners import PRUNERS, get_pruner
-from .report import PruneReport
+The public names load lazily (PEP 562), so ``llmprune --help`` and the CLI's process settings
+run before torch is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PRUNERS", "ConfigError", "EvalConfig", "EvalResults", "PruneConfig", "PruneReport", "evaluate", "get_pruner",
-    "prune", "prune_checkpoint",
-]
+_EXPORTS = {
+    "prune": ".api", "prune_checkpoint": ".api",
+    "ConfigError": ".config", "EvalConfig": ".config", "PruneConfig": ".config",
+    "EvalResults": ".evaluation", "evaluate": ".evaluation",
+    "PRUNERS": ".pruners", "get_pruner": ".pruners",
+    "PruneReport": ".report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
