@@ -63,10 +63,22 @@ def _split_list(v: Any) -> Any:
     return v
 
 
-class EvalConfig(BaseModel):
-    """What to evaluate a model on, and by which protocol."""
+class _Config(BaseModel):
+    """Typed settings: unknown keys are errors, values are validated on assignment too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def build(cls, data: dict[str, Any], source: str = "config") -> Any:
+        """Validate ``data``; errors name the field, the value and the fix."""
+        try:
+            return cls(**data)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, source)) from None
+
+
+class EvalConfig(_Config):
+    """What to evaluate a model on, and by which protocol."""
 
     ppl: list[str] = Field(
         default_factory=list,
@@ -131,19 +143,10 @@ class EvalConfig(BaseModel):
     def empty(self) -> bool:
         return not self.ppl and not self.tasks
 
-    @classmethod
-    def build(cls, data: dict[str, Any], source: str = "evaluation settings") -> EvalConfig:
-        """Validate ``data``; errors name the field, the value and the fix."""
-        try:
-            return cls(**data)
-        except ValidationError as e:
-            raise ConfigError(format_validation_error(e, source)) from None
 
 
-class PruneConfig(BaseModel):
+class PruneConfig(_Config):
     """What to prune, how, and with which calibration data."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     model: str | None = Field(
         None, description="Hub id or local folder; None prunes the embedded default SmolLM2-135M-Instruct."
@@ -305,13 +308,6 @@ class PruneConfig(BaseModel):
         data.update(overrides)
         return cls.build(data, source=str(path))
 
-    @classmethod
-    def build(cls, data: dict[str, Any], source: str = "config") -> PruneConfig:
-        """Validate ``data``; errors name the field, the value and the fix."""
-        try:
-            return cls(**data)
-        except ValidationError as e:
-            raise ConfigError(format_validation_error(e, source)) from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_defaults=False), sort_keys=False)
