@@ -99,10 +99,10 @@ def prune_checkpoint(
 
     check_output(output, overwrite)  # bad output or data dir: fail before loading the model
     resolve_data_dir(config.data_dir)
-    if config.eval is not None and not config.eval.empty:
+    if config.eval_settings is not None:
         from .evaluation.evaluate import preflight
 
-        preflight(config.eval if config.eval.data_dir else config.eval.model_copy(update={"data_dir": config.data_dir}))
+        preflight(config.eval_settings)
     t0 = time.perf_counter()
     model, tokenizer, source = load_model(
         config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
@@ -116,12 +116,12 @@ def prune_checkpoint(
         offloader = DiskOffloader(offload)
         report = prune(model, tokenizer, config, progress=progress, residency=offloader)
         report.model = config.model or f"embedded:{source}"
-        if config.eval is not None and not config.eval.empty:
+        if config.eval_settings is not None:
             from .evaluation import evaluate
 
             t_eval = time.perf_counter()
-            ev = config.eval if config.eval.data_dir else config.eval.model_copy(update={"data_dir": config.data_dir})
-            report.evaluation = evaluate(model, tokenizer, ev, progress=progress, model_name=report.model,
+            report.evaluation = evaluate(model, tokenizer, config.eval_settings, progress=progress,
+                                         model_name=report.model,
                                          pruning=report.metadata())
             report.seconds["eval"] = time.perf_counter() - t_eval
         t1 = time.perf_counter()

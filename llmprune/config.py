@@ -283,6 +283,13 @@ class PruneConfig(_Config):
         return parse_pattern(self.pattern)
 
     @property
+    def eval_settings(self) -> EvalConfig | None:
+        """The evaluation to run after pruning (None if none), with this config's data dir by default."""
+        if self.eval is None or self.eval.empty:
+            return None
+        return self.eval if self.eval.data_dir else self.eval.model_copy(update={"data_dir": self.data_dir})
+
+    @property
     def target_sparsity(self) -> float:
         nm = self.nm
         if nm is not None:

@@ -15,6 +15,12 @@ import torch
 StatsKind = Literal["none", "norms", "hessian"]
 
 
+def _block_bounds(d: int, width: int = 384) -> list[int]:
+    """Edges of the ~``width``-column blocks in which the Hessian's upper triangle is accumulated."""
+    nb = max(1, round(d / width))
+    return [d * b // nb for b in range(nb + 1)]
+
+
 class InputStats:
     """Statistics of the inputs of one linear map; built by :meth:`add` or given directly."""
 
@@ -58,21 +64,18 @@ class InputStats:
                 self._H = torch.zeros(d, d, dtype=torch.float32, device=X.device)
             # H is symmetric: accumulate only its upper block triangle (blocks of ~384 columns:
             # 10/16 of the flops for 4 blocks), and mirror it once when H is read
-            nb = max(1, round(d / 384))
-            bounds = [d * b // nb for b in range(nb + 1)]
+            bounds = _block_bounds(d)
             for Xc in X.split(8192):  # float32 copies of bf16/fp16 inputs stay bounded
                 Xc = Xc.float()  # [t_c, in]
                 for i0, i1 in zip(bounds[:-1], bounds[1:]):
                     self._H[i0:i1, i0:].addmm_(Xc[:, i0:i1].T, Xc[:, i0:])  # H[b, b:] += X_bᵀ X_b:
-            self._partial = nb > 1
+            self._partial = len(bounds) > 2
 
     @property
     def H(self) -> torch.Tensor | None:
         """``Σ_t x_t x_tᵀ [in, in]``, symmetric."""
         if self._partial:
-            d = self._H.shape[0]
-            nb = max(1, round(d / 384))
-            bounds = [d * b // nb for b in range(nb + 1)]
+            bounds = _block_bounds(self._H.shape[0])
             for i0, i1 in zip(bounds[:-1], bounds[1:]):  # copy the upper blocks' transposes below
                 self._H[i1:, i0:i1] = self._H[i0:i1, i1:].T
             self._partial = False

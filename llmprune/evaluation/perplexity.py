@@ -68,11 +68,6 @@ def _hub_offline() -> bool:
     return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def _data_dir(data_dir: str | Path | None) -> Path | None:
-    d = data_dir or os.environ.get("LLMPRUNE_DATA_DIR")
-    return Path(d).expanduser() if d else None
-
-
 def wikitext2_test_text(data_dir: str | Path | None = None) -> str:
     """WikiText-2 raw test split joined with ``"\\n\\n"``: local copy first, else the Hub."""
     return load_text("wikitext2", data_dir).text
@@ -93,7 +88,9 @@ def _read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
 
 def load_text(name: str, data_dir: str | Path | None = None) -> TextSource:
     """The text of a perplexity dataset: ``wikitext2``, ``c4`` or a ``.txt``/``.jsonl``/``.json`` path."""
-    root = _data_dir(data_dir)
+    from ..data import resolve_data_dir
+
+    root = resolve_data_dir(data_dir)  # --data-dir, else $LLMPRUNE_DATA_DIR; an error if it does not exist
     if name == "wikitext2":
         if root is not None and (root / "wikitext2" / "raw" / "wiki.test.raw").is_file():
             path = root / "wikitext2" / "raw" / "wiki.test.raw"

@@ -10,8 +10,8 @@ is reached.
 
 Deviations from the reference code (IST-DASLab/sparsegpt):
 - N:M (``nm_exact``, default on): when a group of M columns is reached, every set of M - N weights
-  it could prune (per row) is scored by its exact OBS loss given the group's block of the
-  inverse-Hessian factor, and the cheapest set is pruned; the reference scores the columns one
+  it could prune (per row) is scored by the exact output error the sweep will leave (from the
+  group's block of the inverse-Hessian factor), and the cheapest set is pruned; the reference scores the columns one
   by one (``w² / [H⁻¹]_jj²``), ignoring that pruning one weight of the group changes the others;
 - column order (``act_order``, GPTQ's act-order, default on for N:M): whole groups of columns are
   visited by decreasing Hessian diagonal, so the inputs that matter most are pruned while the
@@ -163,14 +163,14 @@ class SparseGPT(Pruner):
 
     @staticmethod
     def _group_mask(W1: torch.Tensor, U: torch.Tensor, prune_n: int) -> torch.Tensor:
-        """Which ``prune_n`` of a group's ``m`` columns to prune, per row, by the exact OBS loss.
+        """Which ``prune_n`` of a group's ``m`` columns to prune, per row, by the exact loss of the sweep.
 
         ``W1 [out, m]`` are the group's current weights and ``U [m, m]`` the group's block of the
-        upper factor of ``H⁻¹``. Pruning a set S of columns left to right costs
-        ``Σ_{c∈S} e_c²`` with ``e_c = w_c / U_cc`` and ``w_k -= e_c U_ck`` for later columns k: the
-        exact OBS loss ``w_Sᵀ ([H⁻¹]_SS)⁻¹ w_S``. Every one of the C(m, prune_n) sets is scored and
-        the cheapest kept; the reference scores columns one by one (``w² / d²``), ignoring how
-        pruning one column of the group changes the others.
+        upper factor of ``H⁻¹``. Pruning a set S of columns left to right, with the columns already
+        visited frozen, costs ``Σ_{c∈S} e_c²`` with ``e_c = w_c / U_cc`` and ``w_k -= e_c U_ck`` for
+        later columns k: the output error ``ΔW H ΔWᵀ`` the sweep will leave. Every one of the
+        C(m, prune_n) sets is scored and the cheapest kept; the reference scores columns one by one
+        (``w² / d²``), ignoring how pruning one column of the group changes the others.
         """
         m = W1.shape[1]
         P = _combinations(m, prune_n, W1.device)  # [C, m] True = prune
