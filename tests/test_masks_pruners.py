@@ -261,6 +261,71 @@ def test_sparsegpt_indefinite_hessian_retries_with_more_damping(caplog):
     assert float((res.W == 0).float().mean()) == pytest.approx(0.5)
 
 
+def _reference_sparsegpt(W: torch.Tensor, X: torch.Tensor, sparsity: float, nm=None, blocksize: int = 16,
+                         damp: float = 0.01) -> torch.Tensor:
+    """The reference algorithm (IST-DASLab/sparsegpt) written plainly: H⁻¹ through cholesky_inverse,
+    every column's update applied to the whole rest of its block, no sub-blocks or transposes.
+    The one deviation kept from llmprune: a block prunes exactly floor(sparsity · size) weights."""
+    W = W.clone().double()
+    H = (X.T @ X).double() / X.shape[0]  # [in, in]
+    H += damp * torch.mean(torch.diagonal(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # [in, in]
+    for i1 in range(0, W.shape[1], blocksize):
+        i2 = min(i1 + blocksize, W.shape[1])
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1, prune = torch.zeros_like(W1), torch.zeros_like(W1, dtype=torch.bool)
+        if nm is None:
+            S = W1.pow(2) / torch.diagonal(Hinv1).pow(2)
+            prune.view(-1)[torch.topk(S.flatten(), int(S.numel() * sparsity), largest=False).indices] = True
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                S = W1[:, i : i + nm[1]].pow(2) / torch.diagonal(Hinv1)[i : i + nm[1]].pow(2)
+                prune.scatter_(1, i + torch.topk(S, nm[1] - nm[0], dim=1, largest=False).indices, True)
+            q = W1[:, i].clone()
+            q[prune[:, i]] = 0
+            err = (W1[:, i] - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)], ids=["50%", "2:4"])
+def test_sparsegpt_equals_the_reference_algorithm(nm):
+    W, X = _random_problem(24, 96, seed=7)
+    X = X * torch.linspace(0.2, 3, 96)  # uneven Hessian diagonal
+    ref = _reference_sparsegpt(W, X, 0.5, nm)
+    res = SparseGPT(blocksize=16, nm_exact=False).prune(W, _stats("hessian", X), 0.5, nm)
+    assert torch.equal(res.M, ref != 0)
+    assert torch.allclose(res.W.double(), ref, atol=1e-4)
+
+
+def test_hessian_from_its_upper_block_triangle():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 700, generator=g)  # [t, in]: 700 inputs span several accumulation blocks
+    st = InputStats("hessian")
+    st.add(X[:100])
+    st.add(X[100:])
+    H = st.H  # [in, in]
+    assert torch.equal(H, H.T)
+    assert torch.allclose(H, X.T @ X, rtol=1e-4, atol=1e-3)
+    assert st.n == 300
+    st.add(X[:1])  # adding after a read keeps the mirror right
+    assert torch.allclose(st.H, X.T @ X + X[:1].T @ X[:1], rtol=1e-4, atol=1e-3)
+
+
+def test_lower_triangular_inverse():
+    from llmprune.pruners.sparsegpt import _lower_inverse
+
+    A = torch.randn(200, 200, generator=torch.Generator().manual_seed(1))
+    L = torch.linalg.cholesky(A @ A.T + 200 * torch.eye(200))  # [n, n] lower
+    Li = _lower_inverse(L)
+    assert torch.equal(Li, Li.tril())
+    assert torch.allclose(Li @ L, torch.eye(200), atol=1e-5)
+
+
 def test_sparsegpt_needs_a_hessian():
     W, X = _random_problem(4, 8)
     with pytest.raises(ValueError, match="kind='hessian'"):

@@ -53,14 +53,29 @@ def _single_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-@functools.lru_cache(maxsize=None)
-def _combinations_cpu(m: int, k: int) -> torch.Tensor:
-    rows = [[c in combo for c in range(m)] for combo in itertools.combinations(range(m), k)]
-    return torch.tensor(rows, dtype=torch.bool)  # [C(m, k), m]
+@functools.cache
+def _combinations(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every k-subset of m columns: as masks ``[C(m, k), m]`` and as increasing indices ``[C(m, k), k]``."""
+    combos = list(itertools.combinations(range(m), k))
+    masks = torch.tensor([[c in combo for c in range(m)] for combo in combos], dtype=torch.bool)
+    return masks.to(device), torch.tensor(combos, dtype=torch.long).reshape(len(combos), k).to(device)
 
 
-def _combinations(m: int, k: int, device: torch.device) -> torch.Tensor:
-    return _combinations_cpu(m, k).to(device)
+def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
+    """``L⁻¹`` of a lower-triangular ``L``: LAPACK's triangular inverse (``trtri``, a third of the
+    flops of a triangular solve against the identity) on the CPU when SciPy has it, else a solve."""
+    if L.device.type == "cpu" and L.dtype in (torch.float32, torch.float64):
+        try:
+            from scipy.linalg import lapack
+        except ImportError:  # pragma: no cover - scipy comes with lm-eval's dependencies
+            lapack = None
+        if lapack is not None:
+            trtri = lapack.strtri if L.dtype == torch.float32 else lapack.dtrtri
+            inv, info = trtri(L.numpy(), lower=1)
+            if info == 0:
+                return torch.from_numpy(inv).tril_()  # [in, in]
+    eye = torch.eye(L.shape[0], device=L.device, dtype=L.dtype)
+    return torch.linalg.solve_triangular(L, eye, upper=False)
 
 
 class SparseGPT(Pruner):
@@ -85,7 +100,7 @@ class SparseGPT(Pruner):
                 # Upper factor U of H⁻¹ = UᵀU without forming H⁻¹: with J the reversal permutation
                 # and J H J = L Lᵀ, U = J L⁻¹ J (one Cholesky and one triangular inverse).
                 L = torch.linalg.cholesky((H + damp * eye).flip(0, 1))  # [in, in]
-                return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1), dead
+                return _lower_inverse(L).flip(0, 1), dead
             except torch.linalg.LinAlgError:
                 if attempt == 3:
                     raise
@@ -135,23 +150,19 @@ class SparseGPT(Pruner):
         bs = self.blocksize if nm is None else max(nm[1], self.blocksize // nm[1] * nm[1])
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
-            W1 = W[:, i1:i2].clone()  # [out, B]
-            Err1 = torch.zeros_like(W1)  # [out, B]
+            WT = W[:, i1:i2].T.contiguous()  # [B, out]: the block's columns as contiguous rows
             H_inv1 = H_inv[i1:i2, i1:i2]  # [B, B]
-            d = torch.diagonal(H_inv1)  # [B]
-
             if nm is None:
-                S = W1.pow(2) / d.pow(2).unsqueeze(0)  # [out, B] OBS saliency
-                mask1 = ~unstructured_mask(S, sparsity, "matrix")  # [out, B] True = prune
+                d = torch.diagonal(H_inv1)  # [B]
+                S = WT.pow(2) / d.pow(2).unsqueeze(1)  # [B, out] OBS saliency w² / [H⁻¹]_jj²
+                PT = ~unstructured_mask(S, sparsity, "matrix")  # [B, out] True = prune
             else:
-                mask1 = torch.zeros_like(W1, dtype=torch.bool)
-
-            with _single_thread(W1.device):  # tiny per-column ops: thread sync would dominate
-                self._sweep(W1, Err1, H_inv1, d, mask1, nm, self.nm_exact)
-
-            W[:, i1:i2] = W1.masked_fill_(mask1, 0.0)
-            M_pruned[:, i1:i2] = mask1
-            W[:, i2:].sub_(Err1 @ H_inv[i1:i2, i2:])  # lazy batch update of the remaining columns
+                PT = torch.zeros_like(WT, dtype=torch.bool)  # filled as each group is reached
+            with _single_thread(WT.device):  # tiny per-column ops: thread sync would dominate
+                ET = self._sweep(WT, H_inv1, PT, nm, self.nm_exact)  # [B, out]
+            W[:, i1:i2] = WT.masked_fill_(PT, 0.0).T
+            M_pruned[:, i1:i2] = PT.T
+            W[:, i2:].addmm_(ET.T, H_inv[i1:i2, i2:], alpha=-1)  # lazy batch update of the remaining columns
 
         M = ~M_pruned
         M[:, dead] = False
@@ -166,51 +177,57 @@ class SparseGPT(Pruner):
         """Which ``prune_n`` of a group's ``m`` columns to prune, per row, by the exact loss of the sweep.
 
         ``W1 [out, m]`` are the group's current weights and ``U [m, m]`` the group's block of the
-        upper factor of ``H⁻¹``. Pruning a set S of columns left to right, with the columns already
-        visited frozen, costs ``Σ_{c∈S} e_c²`` with ``e_c = w_c / U_cc`` and ``w_k -= e_c U_ck`` for
-        later columns k: the output error ``ΔW H ΔWᵀ`` the sweep will leave. Every one of the
-        C(m, prune_n) sets is scored and the cheapest kept; the reference scores columns one by one
-        (``w² / d²``), ignoring how pruning one column of the group changes the others.
+        upper factor of ``H⁻¹``. The sweep prunes a set S of columns left to right, with the
+        columns already visited frozen: ``e_c = w_c / U_cc`` and ``w_k -= e_c U_ck`` for later k,
+        so the errors solve ``e_S U[S, S] = w_S`` and the output error ``ΔW H ΔWᵀ`` it leaves is
+        ``‖e_S‖²``. Every one of the C(m, prune_n) sets is scored (one batched triangular solve)
+        and the cheapest kept; the reference scores columns one by one (``w² / d²``), ignoring how
+        pruning one column of the group changes the others.
         """
         m = W1.shape[1]
-        P = _combinations(m, prune_n, W1.device)  # [C, m] True = prune
-        w = W1.unsqueeze(1).expand(-1, P.shape[0], -1).clone()  # [out, C, m]
-        loss = torch.zeros(w.shape[:2], device=W1.device, dtype=W1.dtype)  # [out, C]
-        for c in range(m):
-            e = w[:, :, c] * P[:, c] / U[c, c]  # [out, C]
-            loss += e * e
-            if c + 1 < m:
-                w[:, :, c + 1 :] -= e.unsqueeze(-1) * U[c, c + 1 :]
-        return P[loss.argmin(dim=1)]  # [out, m]
+        P, idx = _combinations(m, prune_n, W1.device)  # [C, m] True = prune, [C, p] its columns
+        U_S = U[idx.unsqueeze(2), idx.unsqueeze(1)]  # [C, p, p] upper triangular
+        W_S = W1[:, idx].transpose(0, 1)  # [C, out, p]
+        E = torch.linalg.solve_triangular(U_S, W_S, upper=True, left=False)  # [C, out, p]  E U_S = W_S
+        return P[E.pow(2).sum(-1).argmin(dim=0)]  # [out, m]
 
     @staticmethod
-    def _sweep(W1, Err1, H_inv1, d, mask1, nm, nm_exact: bool = True, sub: int = 32) -> None:
-        """Column-by-column OBS inside one block; N:M masks chosen as each group is reached.
+    def _sweep(WT: torch.Tensor, U: torch.Tensor, PT: torch.Tensor, nm: tuple[int, int] | None,
+               nm_exact: bool = True, sub: int = 32) -> torch.Tensor:
+        """Column-by-column OBS inside one block; returns the errors ``E [B, out]``.
 
-        The block is swept in sub-blocks of ``sub`` columns: each column's update reaches the rest
-        of its sub-block only, and one matrix product per sub-block carries the sub-block's errors
-        to the rest of the block (the same arithmetic as updating the whole block per column, with
-        a quarter of the per-column work for 128-column blocks).
+        Works on the block transposed, ``WT [B, out]`` (column i of W is the contiguous row
+        ``WT[i]``), so each column costs two kernels: ``e_i = w_i · p_i / U_ii`` and the rank-1
+        update of the later columns. ``U [B, B]`` is the block of the upper factor of ``H⁻¹``;
+        ``PT [B, out]`` (True = prune) is given for unstructured masks and filled here for N:M
+        as each group is reached. The block is swept in sub-blocks of ``sub`` columns: a column's
+        update reaches the rest of its sub-block only, and one matrix product per sub-block
+        carries the sub-block's errors to the rest of the block (the same arithmetic as updating
+        the whole block per column). Pruned entries of ``WT`` are left to the caller to zero.
         """
+        B = WT.shape[0]
+        d_inv = torch.diagonal(U).reciprocal().unsqueeze(1)  # [B, 1]
+        ST = PT.to(WT.dtype).mul_(d_inv)  # [B, out] 1 / U_ii where pruned, 0 where kept
+        ET = torch.empty_like(WT)  # [B, out]
         if nm is not None:
             n_keep, m = nm
             prune_n = m - n_keep
             sub = max(m, sub // m * m)  # N:M groups must not straddle sub-blocks
-        B = W1.shape[1]
+        Wr, Sr, Er, Ur = WT.unbind(0), ST.unbind(0), ET.unbind(0), U.unbind(0)  # row views, made once
         for j1 in range(0, B, sub):
             j2 = min(j1 + sub, B)
             for i in range(j1, j2):
-                w = W1[:, i]  # [out]
                 if nm is not None and i % m == 0:
+                    g = slice(i, i + m)
                     if nm_exact:
-                        mask1[:, i : i + m] = SparseGPT._group_mask(W1[:, i : i + m], H_inv1[i : i + m, i : i + m],
-                                                                    prune_n)
+                        PT[g] = SparseGPT._group_mask(WT[g].T, U[g, g], prune_n).T  # [m, out]
                     else:  # the reference: the group's prune_n lowest w² / d²
-                        S = W1[:, i : i + m].pow(2) / d[i : i + m].pow(2).unsqueeze(0)  # [out, m]
-                        idx = torch.topk(S, prune_n, dim=1, largest=False).indices  # [out, prune_n]
-                        mask1.scatter_(1, i + idx, True)
-                err1 = w.mul(mask1[:, i]).div_(d[i])  # [out] (w - q) / d with q = w off the mask
-                W1[:, i:j2].addr_(err1, H_inv1[i, i:j2], alpha=-1)  # OBS update; leaves q in column i
-                Err1[:, i] = err1
-            if j2 < B:  # lazy update of the rest of the block  [out, B - j2]
-                W1[:, j2:].addmm_(Err1[:, j1:j2], H_inv1[j1:j2, j2:], alpha=-1)
+                        S = WT[g].pow(2) * d_inv[g].pow(2)  # [m, out]
+                        PT[g].scatter_(0, torch.topk(S, prune_n, dim=0, largest=False).indices, True)
+                    torch.mul(PT[g], d_inv[g], out=ST[g])
+                torch.mul(Wr[i], Sr[i], out=Er[i])  # e_i = (w_i - q_i) / U_ii, q_i = w_i off the mask
+                if i + 1 < j2:
+                    WT[i + 1 : j2].addr_(Ur[i][i + 1 : j2], Er[i], alpha=-1)  # OBS update of later columns
+            if j2 < B:  # lazy update of the rest of the block  [B - j2, out]
+                WT[j2:].addmm_(U[j1:j2, j2:].T, ET[j1:j2], alpha=-1)
+        return ET
