@@ -31,10 +31,12 @@ def unstructured_mask(S: torch.Tensor, sparsity: float, scope: Scope) -> torch.T
     """Prune the ``floor(sparsity * size)`` lowest scores, per output row or per matrix."""
     if scope == "row":
         k = int(S.shape[1] * sparsity)  # pruned per row
-        M = torch.ones_like(S, dtype=torch.bool)
-        if k > 0:
-            idx = torch.topk(S, k, dim=1, largest=False).indices  # [out, k]
-            M.scatter_(1, idx, False)
+        if k == 0:
+            return torch.ones_like(S, dtype=torch.bool)
+        M = S > torch.kthvalue(S, k, dim=1, keepdim=True).values  # [out, in]; each row prunes >= k
+        if int((~M).sum()) != k * S.shape[0]:  # ties at some row's threshold: exact top-k
+            M = torch.ones_like(S, dtype=torch.bool)
+            M.scatter_(1, torch.topk(S, k, dim=1, largest=False).indices, False)
         return M
     k = int(S.numel() * sparsity)
     if k == 0:
