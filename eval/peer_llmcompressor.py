@@ -57,7 +57,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _T_START = time.perf_counter()
 
-import torch
+import torch  # noqa: E402 - imported after _T_START: its import is part of the timed run
 
 
 def peak_rss_mb() -> float:
@@ -156,7 +156,7 @@ def measure_sparsity(model, pattern: str | None) -> dict:
     per_kind: dict[str, list[int]] = {}
     nm_ok = True
     n, m = (int(x) for x in pattern.split(":")) if pattern else (0, 0)
-    for li, layer in enumerate(decoder_layers(model)):
+    for layer in decoder_layers(model):
         for name, mod in layer.named_modules():
             if not isinstance(mod, torch.nn.Linear):
                 continue

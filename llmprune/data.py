@@ -434,29 +434,34 @@ def _records_docs(records: list[Any], text_field: str, tokenizer: Any, name: str
     return _Docs(name=name, n=len(records), get=get)
 
 
-def _file_docs(path: Path, text_field: str, tokenizer: Any, name: str | None = None) -> _Docs:
+def read_records(path: Path, name: str | None = None, error: type[ValueError] = CalibrationError) -> list[Any]:
+    """The records of a ``.jsonl`` (one JSON object per line), ``.json`` (a list, or ``{"data": [...]}``)
+    or ``.parquet`` file; malformed files raise ``error`` with the fix."""
     name = name or f"file {path}"
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
             with path.open(encoding="utf-8") as f:
-                records = [json.loads(line) for line in f if line.strip()]
-        elif suffix == ".json":
+                return [json.loads(line) for line in f if line.strip()]
+        if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(data, Mapping) and isinstance(data.get("data"), list):
                 data = data["data"]
             if not isinstance(data, list):
-                raise CalibrationError(
-                    f'{name} must hold a list of records or {{"data": [records]}}, got a {type(data).__name__}'
-                )
-            records = data
-        else:  # .parquet
-            records = _read_parquet(path)
+                raise error(f'{name} must hold a list of records or {{"data": [records]}}, got a {type(data).__name__}')
+            return data
+        if suffix == ".parquet":
+            return _read_parquet(path)
     except json.JSONDecodeError as exc:
-        raise CalibrationError(
+        raise error(
             f"{name} is not valid JSON ({exc}); a file with one JSON object per line must be named .jsonl"
         ) from exc
-    return _records_docs(records, text_field, tokenizer, name)
+    raise error(f"{name}: records are read from .jsonl, .json or .parquet files, not {suffix or 'no suffix'}")
+
+
+def _file_docs(path: Path, text_field: str, tokenizer: Any, name: str | None = None) -> _Docs:
+    name = name or f"file {path}"
+    return _records_docs(read_records(path, name), text_field, tokenizer, name)
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:

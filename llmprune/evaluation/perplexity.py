@@ -15,7 +15,6 @@ a window is dropped); perplexity is ``exp`` of the mean next-token NLL over all 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -74,12 +73,9 @@ def wikitext2_test_text(data_dir: str | Path | None = None) -> str:
 
 
 def _read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
-    with path.open(encoding="utf-8") as f:
-        if path.suffix == ".json":
-            data = json.load(f)
-            rows = data if isinstance(data, list) else data.get("data", [])
-        else:
-            rows = [json.loads(line) for line in f if line.strip()]
+    from ..data import read_records
+
+    rows = read_records(path, error=DatasetError)
     try:
         return [r[field] for r in rows]
     except (KeyError, TypeError):
