@@ -75,11 +75,12 @@ def parse_limits(spec: str) -> dict[str, int | None]:
     return out
 
 
-def bench_tasks(args, model, tok, tasks: list[str]) -> dict:
+def bench_tasks(args, model, tok, tasks: list[str], results: dict) -> dict:
+    """Each task in turn; the results file is rewritten after each one, so a long run keeps what it measured."""
     import llmprune
 
     limits = parse_limits(args.limits)
-    out = {}
+    out = results.setdefault("tasks", {})
     for task in tasks:
         limit = limits.get(task)
         r = llmprune.evaluate(model, tok, tasks=[task], limit=limit, batch_size=str(args.batch_size),
@@ -87,6 +88,7 @@ def bench_tasks(args, model, tok, tasks: list[str]) -> dict:
         out[task] = {"metrics": r.metrics, "stderr": r.stderr, "protocol": r.tasks[task],
                      "seconds": r.seconds[task]}
         print(task, {k: round(v, 4) for k, v in r.metrics.items()}, f"{r.seconds[task]:.0f}s", flush=True)
+        write_results(args, results)
     return out
 
 
@@ -137,12 +139,15 @@ def parse_lm_eval_table(stdout: str, task: str) -> dict[str, float]:
 
 def write_results(args, results: dict) -> None:
     path = Path(args.results)
+    command = f"python eval/bench_eval.py {' '.join(sys.argv[1:])}"
+    commands = [c for c in results.get("commands", []) if c and c != command] + [command]
+    results["commands"] = commands
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
         "# Evaluation benchmark: perplexity and zero-shot task accuracy",
         "",
-        f"- command: `python eval/bench_eval.py {' '.join(sys.argv[1:])}`",
+        *(f"- command: `{c}`" for c in commands),
         f"- machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), Linux",
         f"- date: {time.strftime('%Y-%m-%d')}",
         f"- versions: {results['versions']}",
@@ -188,6 +193,11 @@ def write_results(args, results: dict) -> None:
             p = t["protocol"]
             lines.append(f"| {task} | {p['docs']} ({p['docs_total']}) | {cell('acc')} | {cell('acc_norm')} | "
                          f"{other or '-'} | {t['seconds']:.0f} |")
+        limited = {task: t["seconds"] * t["protocol"]["docs_total"] / t["protocol"]["docs"] / 60
+                   for task, t in results["tasks"].items() if t["protocol"]["docs"] < t["protocol"]["docs_total"]}
+        if limited:
+            lines += ["", "Limited splits, and the time their full split would take at the rate measured here: "
+                      + ", ".join(f"{task} {m:.0f} min" for task, m in limited.items()) + "."]
         lines.append("")
     if "cli" in results:
         lines += [
@@ -221,6 +231,9 @@ def main() -> int:
     ap.add_argument("--skip-tasks", action="store_true")
     ap.add_argument("--skip-cli", action="store_true")
     ap.add_argument("--results", default=str(HERE / "results" / "eval"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the sections of an existing results file that this run skips (e.g. re-time the "
+                         "perplexity alone with --skip-tasks --skip-cli --merge)")
     args = ap.parse_args()
 
     from llmprune.evaluation.results import eval_versions
@@ -228,12 +241,17 @@ def main() -> int:
 
     model, tok, _ = load_model(None, dtype="float32")
     results: dict = {"versions": eval_versions()}
+    previous = Path(args.results).with_suffix(".json")
+    if args.merge and previous.is_file():
+        results = {**json.loads(previous.read_text()), **results}
+        if "commands" not in results:  # files written before commands were recorded: take them from the table
+            md = previous.with_suffix(".md").read_text() if previous.with_suffix(".md").is_file() else ""
+            results["commands"] = re.findall(r"^- command: `(.*)`$", md, flags=re.M)
     if not args.skip_ppl:
         results["ppl"] = bench_ppl(args, model, tok)
         write_results(args, results)
     if not args.skip_tasks:
-        results["tasks"] = bench_tasks(args, model, tok, args.tasks)
-        write_results(args, results)
+        bench_tasks(args, model, tok, args.tasks, results)
     if not args.skip_cli:
         results["cli"] = cli_agreement(args, model, tok, str(embedded_model_path()), args.tasks)
         write_results(args, results)
