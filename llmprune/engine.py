@@ -8,7 +8,12 @@
    - one pass (the whole calibration batch fits): a forward pre-hook on each target gathers the
      statistics of its input and prunes it just before it is applied, so later modules of the
      layer see the outputs of already-pruned ones (true-sequential order inside the layer) and
-     the layer's pruned outputs come out of the same forward;
+     the layer's pruned outputs come out of the same forward. On the CPU the batch is run as
+     small chunks in lockstep (:class:`_Lockstep`): each chunk's forward is a greenlet that
+     parks at every target until all chunks have added their inputs, the target is pruned, and
+     the chunks go on. The arithmetic is that of the whole batch at once; the activations of a
+     chunk stay in cache (measured: 32 x 512 tokens through the embedded model's layers take
+     46 s as one batch, 28 s as chunks of 4);
    - two passes (chunks): statistics of every target are gathered over all chunks with the
      dense layer, every target is pruned, and a second pass computes the pruned outputs.
    The outputs feed the next layer. Only the current layer sits on the compute device.
@@ -17,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -34,6 +40,7 @@ from .stats import InputStats, relative_error
 log = logging.getLogger(__name__)
 
 ERROR_SAMPLE_ROWS = 256  # input rows kept per target to estimate its relative output error
+CPU_CHUNK_TOKENS = 2048  # tokens per forward chunk on the CPU: a chunk's activations stay in cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +365,8 @@ class _LayerPruning:
         self.seen: dict[int, tuple[weakref.ref, InputStats]] = {}  # inputs of the current forward
         self.reports: dict[str, ModuleReport] = {}
         self.handles = []
+        self.lockstep: _Lockstep | None = None  # set while chunks run in lockstep
+        self.expert_inputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # parked chunks' routing
 
     @property
     def all_targets(self) -> list[Target]:
@@ -393,7 +402,10 @@ class _LayerPruning:
             own.add(X, keep_sample=ERROR_SAMPLE_ROWS)
             self.seen[id(X)] = (weakref.ref(X), own)
         if self.prune_in_hook:
-            self.prune(t)
+            if self.lockstep is not None and self.lockstep.in_chunk():
+                self.lockstep.park(t)  # returns once every chunk has added its input and t is pruned
+            else:
+                self.prune(t)
 
     def _hook(self, t: Target) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -406,14 +418,30 @@ class _LayerPruning:
             names = ("hidden_states", "top_k_index", "top_k_weights")
             bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
             hidden, top_k_index = bound["hidden_states"], bound["top_k_index"]  # [T, H], [T, k]
-            for e, token_idx in g.routed(top_k_index):
-                X = hidden[token_idx]  # [t_e, H]
-                if g.gate_up:
-                    self._observe(g.gate_up[e], X)
-                if g.down:  # input of the down projection, after gate_up was pruned in one-pass mode
-                    self._observe(g.down[e], g.intermediate(e, X))
+            if self.prune_in_hook and self.lockstep is not None and self.lockstep.in_chunk():
+                # every chunk's tokens are routed together once all chunks are here (release_experts)
+                self.expert_inputs.setdefault(id(g), []).append((hidden, top_k_index))
+                self.lockstep.park(g)
+            else:
+                self._observe_experts(g, hidden, top_k_index)
 
         return hook
+
+    def _observe_experts(self, g: ExpertGroup, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        for e, token_idx in g.routed(top_k_index):
+            X = hidden[token_idx]  # [t_e, H]
+            if g.gate_up:
+                self._observe(g.gate_up[e], X)
+            if g.down:  # input of the down projection, after gate_up was pruned in one-pass mode
+                self._observe(g.down[e], g.intermediate(e, X))
+
+    def release(self, key: Target | ExpertGroup) -> None:
+        """Prune what the chunks parked at (called outside the chunks, once all have arrived)."""
+        if isinstance(key, ExpertGroup):
+            parts = self.expert_inputs.pop(id(key))
+            self._observe_experts(key, torch.cat([h for h, _ in parts]), torch.cat([k for _, k in parts]))
+        else:
+            self.prune(key)
 
     def prune(self, t: Target) -> None:
         stats = self.stats.get(t.name)
@@ -444,6 +472,69 @@ class _LayerPruning:
                 self.prune(t)
         self.stats.clear()
         self.seen.clear()
+
+
+class _Lockstep:
+    """One layer forward per calibration chunk, each a greenlet, run in lockstep on one thread.
+
+    A chunk's forward parks at each target's pre-hook (after adding its input to the target's
+    statistics) and at each fused-experts module. When every live chunk is parked, the earliest
+    park point in the layer's module order is released (its target pruned, or its experts
+    routed and pruned on all chunks' tokens) and the chunks waiting there resume. Chunks skip
+    targets they do not call (routed experts), which the module order accounts for.
+    """
+
+    def __init__(self, layer: nn.Module):
+        self.rank = {id(m): i for i, m in enumerate(layer.modules())}  # module order in the layer
+        self.parked: dict[Any, Target | ExpertGroup] = {}
+        self.chunks: set = set()
+        self.main = None
+
+    def in_chunk(self) -> bool:
+        from greenlet import getcurrent
+
+        return getcurrent() in self.chunks
+
+    def park(self, key: Target | ExpertGroup) -> None:
+        from greenlet import getcurrent
+
+        self.parked[getcurrent()] = key
+        self.main.switch()
+
+    def run(self, forwards: list[Callable[[], torch.Tensor]],
+            release: Callable[[Target | ExpertGroup], None]) -> list[torch.Tensor]:
+        from greenlet import getcurrent, greenlet
+
+        self.main = getcurrent()
+        outputs: list[torch.Tensor | None] = [None] * len(forwards)
+
+        def body(c: int) -> Callable[[], None]:
+            def run() -> None:
+                outputs[c] = forwards[c]()
+            return run
+
+        lets = [greenlet(body(c)) for c in range(len(forwards))]
+        self.chunks = set(lets)
+        try:
+            for g in lets:
+                g.switch()  # to its first park point, or to the end of its forward
+            while self.parked:
+                key = min(self.parked.values(), key=lambda k: self.rank.get(id(k.module), -1))
+                waiting = [g for g, k in self.parked.items() if k is key]
+                release(key)
+                for g in waiting:
+                    del self.parked[g]
+                    g.switch()
+        finally:
+            self.chunks, self.parked, self.main = set(), {}, None
+        return outputs
+
+
+def compute_chunk(nsamples: int, seqlen: int, batch_size: int, device: torch.device) -> int:
+    """Samples per layer forward: small chunks on the CPU (cache), the memory-planned batch on GPUs."""
+    if device.type != "cpu":
+        return batch_size
+    return max(1, min(batch_size, CPU_CHUNK_TOKENS // max(seqlen, 1)))
 
 
 class LayerResidency(Protocol):
@@ -499,7 +590,7 @@ def run_sequential(
         batch_size = plan_batch_size(n, L, layers[0], next(model.parameters()).dtype, device)
     batch_size = min(batch_size, n)
     one_pass = batch_size >= n
-    chunks = list(input_ids.split(batch_size))
+    chunks = list(input_ids.split(compute_chunk(n, L, batch_size, device)))
     log.info(
         "%d decoder layers at %s; calibration %d x %d in %d chunk(s): %s",
         len(layers), layers_name, n, L, len(chunks),
@@ -530,9 +621,17 @@ def run_sequential(
                         calls[c][i](layer, hidden[c])
                     lp.new_forward()
                     lp.prune_remaining()
-                for c in range(len(chunks)):  # (one pass: prune in the hooks) pruned outputs
+                if one_pass and len(chunks) > 1:  # prune in the hooks, chunks in lockstep
                     lp.new_forward()
-                    hidden[c] = calls[c][i](layer, hidden[c])
+                    lp.lockstep = _Lockstep(layer)
+                    hidden = lp.lockstep.run(
+                        [functools.partial(calls[c][i], layer, hidden[c]) for c in range(len(chunks))], lp.release
+                    )
+                    lp.lockstep = None
+                else:
+                    for c in range(len(chunks)):  # (one pass: prune in the hooks) pruned outputs
+                        lp.new_forward()
+                        hidden[c] = calls[c][i](layer, hidden[c])
                 lp.prune_remaining()
             layer.to(home)
             if residency is not None:
