@@ -27,13 +27,24 @@ def nm_mask(S: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return M.reshape(out, cols)
 
 
+def kth_smallest(S: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """The ``k``-th smallest value (1-based) along ``dim``, keeping the dimension. On the CPU numpy's
+    introselect (``np.partition``), about 8x faster than ``torch.kthvalue`` there."""
+    if S.device.type == "cpu" and S.dtype in (torch.float32, torch.float64) and not S.requires_grad:
+        import numpy as np
+
+        part = np.partition(S.numpy(), k - 1, axis=dim)
+        return torch.from_numpy(np.take(part, [k - 1], axis=dim))
+    return torch.kthvalue(S, k, dim=dim, keepdim=True).values
+
+
 def unstructured_mask(S: torch.Tensor, sparsity: float, scope: Scope) -> torch.Tensor:
     """Prune the ``floor(sparsity * size)`` lowest scores, per output row or per matrix."""
     if scope == "row":
         k = int(S.shape[1] * sparsity)  # pruned per row
         if k == 0:
             return torch.ones_like(S, dtype=torch.bool)
-        M = S > torch.kthvalue(S, k, dim=1, keepdim=True).values  # [out, in]; each row prunes >= k
+        M = S > kth_smallest(S, k, dim=1)  # [out, in]; each row prunes >= k
         if int((~M).sum()) != k * S.shape[0]:  # ties at some row's threshold: exact top-k
             M = torch.ones_like(S, dtype=torch.bool)
             M.scatter_(1, torch.topk(S, k, dim=1, largest=False).indices, False)
@@ -42,7 +53,7 @@ def unstructured_mask(S: torch.Tensor, sparsity: float, scope: Scope) -> torch.T
     if k == 0:
         return torch.ones_like(S, dtype=torch.bool)
     flat = S.flatten()  # [numel]
-    thresh = torch.kthvalue(flat, k).values  # k-th smallest: linear time, unlike a sort or top-k
+    thresh = kth_smallest(flat, k, dim=0)  # linear time, unlike a sort or top-k
     M = flat > thresh
     if int((~M).sum()) != k:  # ties at the threshold: fall back to an exact top-k
         M = torch.ones_like(flat, dtype=torch.bool)

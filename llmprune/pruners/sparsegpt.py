@@ -131,12 +131,8 @@ class SparseGPT(Pruner):
     ) -> PruneResult:
         if stats.H is None:
             raise ValueError("SparseGPT needs the layer Hessian; accumulate statistics with kind='hessian'")
-        W = W.clone().float()  # [out, in]
         cols = W.shape[1]
         H_inv, dead, perm = self._factor(stats, nm)  # [in, in] upper, [in], [in] | None
-        if perm is not None:
-            W = W[:, perm]
-        W[:, dead] = 0
         if nm is not None:
             n_keep, m = nm
             if cols % m:
@@ -144,33 +140,34 @@ class SparseGPT(Pruner):
                     f"an {n_keep}:{m} pattern needs the input dimension to be a multiple of {m}, got {cols}; "
                     "exclude this module with --ignore or use an unstructured pattern"
                 )
-        M_pruned = torch.zeros_like(W, dtype=torch.bool)  # [out, in] True where pruned
+        # Work on Wᵀ: column j of W is the contiguous row WT[j], so blocks of columns, the
+        # per-column updates and the lazy updates all touch contiguous memory.
+        WT = (W[:, perm] if perm is not None else W).T.float().contiguous()  # [in, out]
+        WT[dead] = 0
+        PT_all = torch.zeros_like(WT, dtype=torch.bool)  # [in, out] True where pruned
 
         # N:M groups must not straddle blocks: round the block to a multiple of M
         bs = self.blocksize if nm is None else max(nm[1], self.blocksize // nm[1] * nm[1])
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
-            WT = W[:, i1:i2].T.contiguous()  # [B, out]: the block's columns as contiguous rows
+            WT1 = WT[i1:i2]  # [B, out] view
             H_inv1 = H_inv[i1:i2, i1:i2]  # [B, B]
+            PT = PT_all[i1:i2]  # [B, out] view
             if nm is None:
                 d = torch.diagonal(H_inv1)  # [B]
-                S = WT.pow(2) / d.pow(2).unsqueeze(1)  # [B, out] OBS saliency w² / [H⁻¹]_jj²
-                PT = ~unstructured_mask(S, sparsity, "matrix")  # [B, out] True = prune
-            else:
-                PT = torch.zeros_like(WT, dtype=torch.bool)  # filled as each group is reached
+                S = WT1.pow(2) / d.pow(2).unsqueeze(1)  # [B, out] OBS saliency w² / [H⁻¹]_jj²
+                PT.copy_(~unstructured_mask(S, sparsity, "matrix"))
             with _single_thread(WT.device):  # tiny per-column ops: thread sync would dominate
-                ET = self._sweep(WT, H_inv1, PT, nm, self.nm_exact)  # [B, out]
-            W[:, i1:i2] = WT.masked_fill_(PT, 0.0).T
-            M_pruned[:, i1:i2] = PT.T
-            W[:, i2:].addmm_(ET.T, H_inv[i1:i2, i2:], alpha=-1)  # lazy batch update of the remaining columns
+                ET = self._sweep(WT1, H_inv1, PT, nm, self.nm_exact)  # [B, out]; fills PT for N:M
+            WT1.masked_fill_(PT, 0.0)
+            WT[i2:].addmm_(H_inv[i1:i2, i2:].T, ET, alpha=-1)  # lazy batch update of the remaining columns
 
-        M = ~M_pruned
-        M[:, dead] = False
-        W.mul_(M)
+        PT_all[dead] = True
+        WT.masked_fill_(PT_all, 0.0)
         if perm is not None:
             inv = torch.argsort(perm)
-            W, M = W[:, inv], M[:, inv]
-        return PruneResult(W, M)
+            WT, PT_all = WT[inv], PT_all[inv]
+        return PruneResult(WT.T.contiguous(), ~PT_all.T.contiguous())
 
     @staticmethod
     def _group_mask(W1: torch.Tensor, U: torch.Tensor, prune_n: int) -> torch.Tensor:
