@@ -87,6 +87,9 @@ class DiskOffloader:
     def release(self, index: int, layer: nn.Module) -> None:
         for name, p in self._cpu_params(layer):
             p.data = self._map(p.data, self.folder / f"{index}.{name}.bin")
+        if self._libc is not None:
+            # the layer's activations were freed into the heap: hand its free pages back
+            self._libc.malloc_trim(0)
         log.debug("offloaded layer %d (%.1f MB so far)", index, self.bytes / 2**20)
 
     @contextlib.contextmanager
