@@ -55,8 +55,14 @@ def ids():
     return torch.randint(3, VOCAB, (5 * 32 + 7,), generator=torch.Generator().manual_seed(0))  # [T]
 
 
-def test_perplexity_equals_independent_computation(model, ids):
-    r = perplexity(model, input_ids=ids, seqlen=32, max_windows=4)
+@pytest.mark.parametrize("ce_rows", [None, 5], ids=["one-ce-call", "ce-in-row-chunks"])
+def test_perplexity_equals_independent_computation(model, ids, ce_rows, monkeypatch):
+    if ce_rows is not None:  # cross-entropy over 5-row chunks of the [L, V] logits
+        import importlib
+
+        ppl_module = importlib.import_module("llmprune.evaluation.perplexity")  # the package exports a function of that name
+        monkeypatch.setattr(ppl_module, "CE_CHUNK_ELEMENTS", ce_rows * model.config.vocab_size)
+    r = perplexity(model, input_ids=ids, seqlen=32, max_windows=4, batch_size=2)
     assert r.ppl == pytest.approx(_independent_ppl(model, ids, 32, 4), rel=1e-6)
     assert (r.windows, r.seqlen, r.tokens) == (4, 32, 4 * 31)
     assert r.nll == pytest.approx(math.log(r.ppl))

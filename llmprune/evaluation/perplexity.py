@@ -195,6 +195,9 @@ def tokenize_once(tokenizer, text: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Scoring
 # ---------------------------------------------------------------------------------------------
+CE_CHUNK_ELEMENTS = 1 << 22  # logits per cross-entropy call (16 MB in float32)
+
+
 @torch.inference_mode()
 def window_nll(model, windows: torch.Tensor, batch_size: int = 1, device: torch.device | None = None,
                progress: bool = False, desc: str = "perplexity") -> float:
@@ -208,10 +211,14 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1, device: torch.
     for b in range(0, n, batch_size):
         x = windows[b : b + batch_size].to(device)  # [b, L]
         logits = model(input_ids=x, use_cache=False).logits  # [b, L, V]
-        # cross_entropy = fused log-softmax + gather, in float32 whatever the model's dtype
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
-        total += nll.double().cpu()
-        del logits
+        flat, target = logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()  # [b(L-1), V], [b(L-1)]
+        # cross_entropy = fused log-softmax + gather, in float32 whatever the model's dtype, over
+        # rows of ~16 MB: the log-softmax temporaries stay small (a [L, V] copy would be fresh,
+        # page-faulted memory for every window)
+        rows = max(16, CE_CHUNK_ELEMENTS // flat.shape[1])
+        for r in range(0, flat.shape[0], rows):
+            total += F.cross_entropy(flat[r : r + rows].float(), target[r : r + rows], reduction="sum").double().cpu()
+        del logits, flat
         bar.update(x.numel())
     bar.close()
     return float(total)
