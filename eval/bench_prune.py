@@ -93,6 +93,9 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/llmprune-bench")
     ap.add_argument("--results", default=str(HERE / "results" / "prune"))
     ap.add_argument("--skip-ppl", action="store_true")
+    ap.add_argument("--keep-earlier", action="store_true",
+                    help="keep the rows of the existing results file for configs this run does not measure "
+                         "(marked as from an earlier run; never used for the ratios)")
     args = ap.parse_args()
 
     from llmprune.models import embedded_model_path
@@ -143,6 +146,12 @@ def main() -> int:
             print(f"{row['tool']:13s} {row['config']:24s} ppl {row['ppl']:.2f}", flush=True)
         results.append(row)
 
+    earlier = Path(args.results).with_suffix(".json")
+    if args.keep_earlier and earlier.is_file():
+        measured = {(r["tool"], r["config"]) for r in results}
+        for r in json.loads(earlier.read_text())["results"]:
+            if (r["tool"], r["config"]) not in measured:
+                results.append({**r, "earlier_run": r.get("earlier_run", True)})
     write_results(args, results)
     return 0
 
@@ -173,11 +182,12 @@ def write_results(args: argparse.Namespace, results: list[dict]) -> None:
         wall = f"{r['wall_s']:.1f}" if "wall_s" in r else "-"
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
         ref = PEER_REFERENCE.get(r["config"], "-") if r["tool"] == "llmprune" else "-"  # @self has none
-        lines.append(f"| {r['tool']} | {r['config']} | {ppl} | {wall} | {rss} | {ref} |")
+        config = f"{r['config']} (earlier run)" if r.get("earlier_run") else r["config"]
+        lines.append(f"| {r['tool']} | {config} | {ppl} | {wall} | {rss} | {ref} |")
     if peer:
         lines += ["", "Ratios against llm-compressor in this same run:", ""]
         for r in results:
-            if r["tool"] == "llmprune" and "wall_s" in r:
+            if r["tool"] == "llmprune" and "wall_s" in r and not r.get("earlier_run"):
                 base = peer.get("sparsegpt:unstructured")
                 if base:
                     lines.append(
