@@ -200,11 +200,12 @@ def write_results(args, results: dict) -> None:
                       + ", ".join(f"{task} {m:.0f} min" for task, m in limited.items()) + "."]
         lines.append("")
     if "cli" in results:
+        cli_limit = next(iter(results["cli"].values()))["limit"]  # of the run that measured this section
         lines += [
             "## Same numbers as lm-eval's own CLI",
             "",
             f"`lm_eval --model hf --model_args pretrained=MODEL,dtype=float32 --tasks TASK --include_path eval/tasks "
-            f"--limit {args.cli_limit} --batch_size {args.batch_size} --device cpu` in a subprocess against "
+            f"--limit {cli_limit} --batch_size {args.batch_size} --device cpu` in a subprocess against "
             "`llmprune.evaluate` in-process on the same model, limit and batch size (the CLI prints 4 decimals).",
             "",
             "| task | docs | llmprune (in-process) | lm_eval CLI | equal |",
