@@ -402,10 +402,14 @@ class _LayerPruning:
             own.add(X, keep_sample=ERROR_SAMPLE_ROWS)
             self.seen[id(X)] = (weakref.ref(X), own)
         if self.prune_in_hook:
-            if self.lockstep is not None and self.lockstep.in_chunk():
+            if self._parks():
                 self.lockstep.park(t)  # returns once every chunk has added its input and t is pruned
             else:
                 self.prune(t)
+
+    def _parks(self) -> bool:
+        """Whether the current forward is a lockstep chunk, which parks instead of pruning."""
+        return self.lockstep is not None and self.lockstep.in_chunk()
 
     def _hook(self, t: Target) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -418,8 +422,8 @@ class _LayerPruning:
             names = ("hidden_states", "top_k_index", "top_k_weights")
             bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
             hidden, top_k_index = bound["hidden_states"], bound["top_k_index"]  # [T, H], [T, k]
-            if self.prune_in_hook and self.lockstep is not None and self.lockstep.in_chunk():
-                # every chunk's tokens are routed together once all chunks are here (release_experts)
+            if self.prune_in_hook and self._parks():
+                # every chunk's tokens are routed together once all chunks are here (release)
                 self.expert_inputs.setdefault(id(g), []).append((hidden, top_k_index))
                 self.lockstep.park(g)
             else:
@@ -530,7 +534,7 @@ class _Lockstep:
         return outputs
 
 
-def compute_chunk(nsamples: int, seqlen: int, batch_size: int, device: torch.device) -> int:
+def compute_chunk(seqlen: int, batch_size: int, device: torch.device) -> int:
     """Samples per layer forward: small chunks on the CPU (cache), the memory-planned batch on GPUs."""
     if device.type != "cpu":
         return batch_size
@@ -590,7 +594,7 @@ def run_sequential(
         batch_size = plan_batch_size(n, L, layers[0], next(model.parameters()).dtype, device)
     batch_size = min(batch_size, n)
     one_pass = batch_size >= n
-    chunks = list(input_ids.split(compute_chunk(n, L, batch_size, device)))
+    chunks = list(input_ids.split(compute_chunk(L, batch_size, device)))
     log.info(
         "%d decoder layers at %s; calibration %d x %d in %d chunk(s): %s",
         len(layers), layers_name, n, L, len(chunks),
