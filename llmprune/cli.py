@@ -208,27 +208,30 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _return_freed_memory_to_os() -> None:
-    """Fix glibc's mmap threshold at its 32 MB maximum.
+def _tune_heap() -> None:
+    """Keep freed activations in glibc's heap for reuse instead of returning them at once.
 
-    glibc's adaptive threshold starts at 128 kB: until it has adapted, every activation of a
-    few MB is a fresh mapping, page-faulted on first touch and unmapped when freed (measured:
-    a SparseGPT run on the embedded model took 92 s with a 1 MB threshold, 78 s so). A fixed threshold
-    keeps such blocks in the heap for reuse; the engine's residency hook trims the heap after
-    each layer (``malloc_trim``), so the freed activations still go back to the OS. The CLI
-    owns its process, so it may set this; the library never does.
+    glibc's adaptive mmap threshold starts at 128 kB: until it has adapted, every activation of
+    a few MB is a fresh mapping, page-faulted on first touch and unmapped when freed (measured:
+    a SparseGPT run on the embedded model took 92 s with a 1 MB threshold, 78 s with 32 MB).
+    Fixing it also fixes the trim threshold at 128 kB, so freeing a block at the top of the
+    heap would shrink the heap for the next allocation to fault back in; that threshold is
+    raised too. The disk offloader trims the heap when fragmentation has grown it
+    (``malloc_trim``). The CLI owns its process, so it may set these; the library never does.
     """
     if sys.platform.startswith("linux"):
         try:
             import ctypes
 
-            ctypes.CDLL("libc.so.6").mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD = 32 MiB
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD = 32 MiB
+            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD = 1 GiB
         except (OSError, AttributeError):
             pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _return_freed_memory_to_os()
+    _tune_heap()
     parser = build_parser()
     ns = parser.parse_args(argv)
     level = logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO

@@ -34,12 +34,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .masks import zero_fraction
 from .pruners import Pruner
 from .stats import InputStats, relative_error
 
 log = logging.getLogger(__name__)
 
-ERROR_SAMPLE_ROWS = 256  # input rows kept per target to estimate its relative output error
+ERROR_SAMPLE_ROWS = 128  # input rows kept per target to estimate its relative output error
 CPU_CHUNK_TOKENS = 2048  # tokens per forward chunk on the CPU: a chunk's activations stay in cache
 
 
@@ -465,7 +466,7 @@ class _LayerPruning:
             name=t.name,
             shape=t.shape,
             target_sparsity=target,
-            sparsity=float((t.stored() == 0).float().mean()),
+            sparsity=zero_fraction(t.stored()),
             error=relative_error(W, res.W, stats.sample),
             tokens=stats.n,
         )
@@ -505,16 +506,16 @@ class _Lockstep:
         self.parked[getcurrent()] = key
         self.main.switch()
 
-    def run(self, forwards: list[Callable[[], torch.Tensor]],
-            release: Callable[[Target | ExpertGroup], None]) -> list[torch.Tensor]:
+    def run(self, forwards: list[Callable[[], torch.Tensor]], release: Callable[[Target | ExpertGroup], None],
+            done: Callable[[int, torch.Tensor], None]) -> None:
+        """Run every chunk's forward; ``done(c, output)`` as each finishes."""
         from greenlet import getcurrent, greenlet
 
         self.main = getcurrent()
-        outputs: list[torch.Tensor | None] = [None] * len(forwards)
 
         def body(c: int) -> Callable[[], None]:
             def run() -> None:
-                outputs[c] = forwards[c]()
+                done(c, forwards[c]())
             return run
 
         lets = [greenlet(body(c)) for c in range(len(forwards))]
@@ -531,7 +532,6 @@ class _Lockstep:
                     g.switch()
         finally:
             self.chunks, self.parked, self.main = set(), {}, None
-        return outputs
 
 
 def compute_chunk(seqlen: int, batch_size: int, device: torch.device) -> int:
@@ -541,12 +541,26 @@ def compute_chunk(seqlen: int, batch_size: int, device: torch.device) -> int:
     return max(1, min(batch_size, CPU_CHUNK_TOKENS // max(seqlen, 1)))
 
 
+def _store_output(hidden: list[torch.Tensor], c: int, out: torch.Tensor) -> None:
+    """Chunk ``c``'s layer output becomes its next input, written over the old one when it fits."""
+    h = hidden[c]
+    if (out.shape == h.shape and out.dtype == h.dtype and out.device == h.device
+            and out.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()):
+        h.copy_(out)
+    else:
+        hidden[c] = out
+
+
 class LayerResidency(Protocol):
     """Where a decoder layer's weights live outside the moment it is pruned."""
 
     def acquire(self, index: int, layer: nn.Module) -> None: ...
 
     def release(self, index: int, layer: nn.Module) -> None: ...
+
+    def set_aside(self, model: nn.Module, layers: list[nn.Module]) -> None:
+        """Called once the first layer's inputs are captured: the parameters outside ``layers``
+        (embeddings, final norm, head) are not read again until every layer is pruned."""
 
 
 def plan_batch_size(nsamples: int, seqlen: int, layer: nn.Module, dtype: torch.dtype,
@@ -609,6 +623,12 @@ def run_sequential(
     reports: list[LayerReport] = []
     with inference_state(model):
         hidden, calls = capture_layer_inputs(model, layers, chunks, device)
+        if all(h.shape[1:] == hidden[0].shape[1:] for h in hidden):
+            # one buffer for the hidden states of every chunk, which each layer's outputs overwrite
+            # in place: no long-lived blocks scattered through the heap between layers
+            hidden = list(torch.cat(hidden).split([h.shape[0] for h in hidden]))
+        if residency is not None:
+            residency.set_aside(model, layers)
         bar = tqdm(range(len(layers)), desc="pruning layers", unit="layer", disable=not progress)
         for i in bar:
             t0 = time.perf_counter()
@@ -628,14 +648,15 @@ def run_sequential(
                 if one_pass and len(chunks) > 1:  # prune in the hooks, chunks in lockstep
                     lp.new_forward()
                     lp.lockstep = _Lockstep(layer)
-                    hidden = lp.lockstep.run(
-                        [functools.partial(calls[c][i], layer, hidden[c]) for c in range(len(chunks))], lp.release
+                    lp.lockstep.run(
+                        [functools.partial(calls[c][i], layer, hidden[c]) for c in range(len(chunks))], lp.release,
+                        functools.partial(_store_output, hidden),
                     )
                     lp.lockstep = None
                 else:
                     for c in range(len(chunks)):  # (one pass: prune in the hooks) pruned outputs
                         lp.new_forward()
-                        hidden[c] = calls[c][i](layer, hidden[c])
+                        _store_output(hidden, c, calls[c][i](layer, hidden[c]))
                 lp.prune_remaining()
             layer.to(home)
             if residency is not None:

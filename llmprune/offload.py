@@ -10,6 +10,13 @@ model. :class:`DiskOffloader` bounds it, around each layer:
   never lost: a page read again is re-read from the file);
 - ``release``: the pruned tensors are written to files in ``folder`` and the parameters
   re-pointed at shared memory maps of them, which stay off the resident set until read;
+  the heap is trimmed (``malloc_trim``) when the resident set has grown 5 % past what the
+  first layer left (heap fragmentation). Each trim returns the freed activations only for the
+  next layer to page-fault them back in; measured on a SparseGPT run of the embedded model:
+  trimming after every layer, 2.9 M minor faults, 12 s of system time, peak 1.0-1.1 GB;
+  never, 0.3 M faults, 4 s, but a peak of 1.29 GB; this policy, about 2 M faults, peak 0.9 GB;
+- ``set_aside``: the pages of the parameters outside the decoder layers (embeddings, head)
+  are handed back once the layers' inputs are captured; they are re-read when needed (save);
 - ``paging_out()``: while the final save reads every mapped tensor once, a background thread
   keeps handing their clean pages back, so the save does not pull the whole model in.
 
@@ -34,6 +41,15 @@ log = logging.getLogger(__name__)
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4
 _PAGE = 4096
+TRIM_GROWTH = 1.05  # trim the heap once the resident set exceeds the first layer's by this factor
+
+
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _libc():
@@ -54,6 +70,8 @@ class DiskOffloader:
         self.bytes = 0
         self._libc = _libc()
         self._mapped: list[torch.Tensor] = []
+        self._rss_first: int | None = None  # resident bytes after the first released layer
+        self.trims = 0
 
     @staticmethod
     def _cpu_params(layer: nn.Module):
@@ -84,13 +102,25 @@ class DiskOffloader:
         self._mapped.append(mapped)
         return mapped
 
+    def set_aside(self, model: nn.Module, layers: list[nn.Module]) -> None:
+        inside = {id(p) for layer in layers for p in layer.parameters()}
+        for p in model.parameters():
+            if id(p) not in inside and p.device.type == "cpu" and p.numel() > 0:
+                self._page_out(p.data)
+
     def release(self, index: int, layer: nn.Module) -> None:
         for name, p in self._cpu_params(layer):
             p.data = self._map(p.data, self.folder / f"{index}.{name}.bin")
         if self._libc is not None:
-            # the layer's activations were freed into the heap: hand its free pages back
-            self._libc.malloc_trim(0)
-        log.debug("offloaded layer %d (%.1f MB so far)", index, self.bytes / 2**20)
+            # the layer's activations were freed into the heap, where the next layer reuses them;
+            # hand free pages back only when fragmentation has grown the resident set
+            rss = _resident_bytes()
+            if rss is not None and self._rss_first is None:
+                self._rss_first = rss
+            elif rss is not None and rss > TRIM_GROWTH * self._rss_first:
+                self._libc.malloc_trim(0)
+                self.trims += 1
+        log.debug("offloaded layer %d (%.1f MB so far, %d heap trims)", index, self.bytes / 2**20, self.trims)
 
     @contextlib.contextmanager
     def paging_out(self, interval: float = 0.05) -> Iterator[None]:

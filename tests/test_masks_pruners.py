@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from llmprune.masks import nm_mask, select_mask, unstructured_mask
+from llmprune.masks import apply_mask_, lowest_mask, nm_mask, select_mask, unstructured_mask, zero_fraction
 from llmprune.pruners import PRUNERS, Magnitude, SparseGPT, Wanda, get_pruner
 from llmprune.stats import InputStats, relative_error
 
@@ -99,6 +99,42 @@ def test_nm_masks_by_hand(nm, expected):
     assert torch.equal(res.W, W_NM * expected)
     # equal activation norms: Wanda reduces to magnitude within each group
     assert torch.equal(Wanda().prune(W_NM, _stats("norms", torch.ones(3, 8)), 0.5, nm).M, expected)
+
+
+@pytest.mark.parametrize("scope", ["matrix", "row"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_lowest_mask_numpy_path_equals_torch_top_k(scope, ties):
+    g = torch.Generator().manual_seed(3)
+    S = torch.randn(6, 40, generator=g)
+    if ties:  # many equal scores straddle every threshold: the exact top-k fallback decides
+        S = (S * 2).round()
+    k = 13
+    P = lowest_mask(S, k, scope)  # numpy on the CPU
+    if scope == "row":
+        assert torch.equal(P.sum(1), torch.full((6,), k))
+        ref = torch.zeros_like(P).scatter_(1, torch.topk(S, k, dim=1, largest=False).indices, True)
+        assert torch.equal(S[P].sort().values, S[ref].sort().values)  # the same scores pruned
+        assert (S.masked_fill(~P, -1e9).max(1).values <= S.masked_fill(P, 1e9).min(1).values).all()
+    else:
+        assert int(P.sum()) == k
+        assert S[P].max() <= S[~P].min()
+    P_torch = lowest_mask(S.to(torch.float64).requires_grad_(), k, scope)  # the torch path
+    assert torch.equal(P_torch.sum(), P.sum())
+    if not ties:
+        assert torch.equal(P_torch, P)
+    assert not lowest_mask(S, 0, scope).any() and lowest_mask(S, 40 if scope == "row" else 240, scope).all()
+
+
+def test_apply_mask_writes_positive_zeros_and_counts_them():
+    W = torch.tensor([[-1.5, 2.0, -3.0], [4.0, -0.0, 6.0]])
+    keep = torch.tensor([[False, True, False], [True, False, True]])
+    Wt = W.T.contiguous().T  # a strided view takes the same path
+    for w in (W.clone(), Wt.clone()):
+        apply_mask_(w, keep)
+        assert torch.equal(w, torch.tensor([[0.0, 2.0, 0.0], [4.0, 0.0, 6.0]]))
+        assert not torch.signbit(w[~keep]).any()  # +0.0, not the -0.0 of a product with a negative weight
+        assert zero_fraction(w) == pytest.approx(0.5)
+    assert zero_fraction(torch.zeros(3, dtype=torch.bfloat16)) == 1.0  # torch path for dtypes numpy lacks
 
 
 def test_select_mask_rejects_input_dim_not_divisible_by_m():
@@ -324,6 +360,18 @@ def test_lower_triangular_inverse():
     Li = _lower_inverse(L)
     assert torch.equal(Li, Li.tril())
     assert torch.allclose(Li @ L, torch.eye(200), atol=1e-5)
+
+
+def test_lower_inverse_runs_scipy_openblas_on_one_thread():
+    # SciPy's OpenBLAS worker threads busy-wait after a call and steal the cores torch's threads use
+    pytest.importorskip("threadpoolctl")
+    from threadpoolctl import threadpool_info
+
+    from llmprune.pruners.sparsegpt import _scipy_blas_single_thread
+
+    with _scipy_blas_single_thread()():
+        inside = [i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas"]
+    assert inside and all(n == 1 for n in inside)
 
 
 def test_sparsegpt_needs_a_hessian():

@@ -18,8 +18,8 @@ from ..stats import InputStats, StatsKind
 
 @dataclass
 class PruneResult:
-    W: torch.Tensor  # [out, in] pruned weight, exact zeros where M is False
-    M: torch.Tensor  # [out, in] bool, True where the weight is kept
+    W: torch.Tensor  # [out, in] pruned weight, exact zeros where M is False (may be a strided view)
+    M: torch.Tensor  # [out, in] bool, True where the weight is kept (may be a strided view)
 
 
 class Pruner(ABC):

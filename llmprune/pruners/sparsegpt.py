@@ -33,7 +33,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..masks import unstructured_mask
+from ..masks import apply_mask_, invert, lowest_mask
 from ..stats import InputStats
 from .base import Pruner, PruneResult
 
@@ -61,6 +61,23 @@ def _combinations(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, t
     return masks.to(device), torch.tensor(combos, dtype=torch.long).reshape(len(combos), k).to(device)
 
 
+@functools.cache
+def _scipy_blas_single_thread() -> contextlib.AbstractContextManager:
+    """A context in which SciPy's OpenBLAS runs on the calling thread only.
+
+    Its worker threads busy-wait after each call, and on a machine whose cores torch's own
+    threads already use they steal those cores: every torch op for a while after a ``trtri``
+    ran several times slower (measured on the embedded model, 2 cores: the pruning work of a
+    SparseGPT run took 14.5 s with SciPy's two OpenBLAS threads, 8.0 s with one)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+
+        ctl = ThreadpoolController().select(internal_api="openblas")
+    except Exception:  # pragma: no cover - threadpoolctl missing or unable to inspect the process
+        return contextlib.nullcontext
+    return functools.partial(ctl.limit, limits=1)
+
+
 def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
     """``L⁻¹`` of a lower-triangular ``L``: LAPACK's triangular inverse (``trtri``, a third of the
     flops of a triangular solve against the identity) on the CPU when SciPy has it, else a solve."""
@@ -71,9 +88,10 @@ def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
             lapack = None
         if lapack is not None:
             trtri = lapack.strtri if L.dtype == torch.float32 else lapack.dtrtri
-            inv, info = trtri(L.numpy(), lower=1)
+            with _scipy_blas_single_thread()():
+                inv, info = trtri(L.numpy(), lower=1)  # the strict upper triangle is not referenced: stays 0
             if info == 0:
-                return torch.from_numpy(inv).tril_()  # [in, in]
+                return torch.from_numpy(inv)  # [in, in]
     eye = torch.eye(L.shape[0], device=L.device, dtype=L.dtype)
     return torch.linalg.solve_triangular(L, eye, upper=False)
 
@@ -91,15 +109,17 @@ class SparseGPT(Pruner):
     def inverse_hessian_factor(self, H: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Upper Cholesky factor of the damped ``H⁻¹`` and the mask of dead inputs."""
         H = H / max(n, 1)  # [in, in]
-        dead = torch.diagonal(H) == 0  # inputs never active: their weights cannot matter
-        H[dead, dead] = 1
-        damp = self.damp * torch.mean(torch.diagonal(H))
-        eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+        diag = torch.diagonal(H)  # view
+        dead = diag == 0  # inputs never active: their weights cannot matter
+        diag[dead] = 1
+        damp = self.damp * torch.mean(diag)
+        d0 = diag.clone()
         for attempt in range(4):
             try:
+                torch.add(d0, damp, out=diag)  # H + damp·I
                 # Upper factor U of H⁻¹ = UᵀU without forming H⁻¹: with J the reversal permutation
                 # and J H J = L Lᵀ, U = J L⁻¹ J (one Cholesky and one triangular inverse).
-                L = torch.linalg.cholesky((H + damp * eye).flip(0, 1))  # [in, in]
+                L = torch.linalg.cholesky(H.flip(0, 1))  # [in, in]
                 return _lower_inverse(L).flip(0, 1), dead
             except torch.linalg.LinAlgError:
                 if attempt == 3:
@@ -143,7 +163,9 @@ class SparseGPT(Pruner):
         # Work on Wᵀ: column j of W is the contiguous row WT[j], so blocks of columns, the
         # per-column updates and the lazy updates all touch contiguous memory.
         WT = (W[:, perm] if perm is not None else W).T.float().contiguous()  # [in, out]
-        WT[dead] = 0
+        any_dead = bool(dead.any())
+        if any_dead:
+            WT[dead] = 0
         PT_all = torch.zeros_like(WT, dtype=torch.bool)  # [in, out] True where pruned
 
         # N:M groups must not straddle blocks: round the block to a multiple of M
@@ -156,18 +178,20 @@ class SparseGPT(Pruner):
             if nm is None:
                 d = torch.diagonal(H_inv1)  # [B]
                 S = WT1.pow(2) / d.pow(2).unsqueeze(1)  # [B, out] OBS saliency w² / [H⁻¹]_jj²
-                PT.copy_(~unstructured_mask(S, sparsity, "matrix"))
+                PT.copy_(lowest_mask(S, int(S.numel() * sparsity)))
             with _single_thread(WT.device):  # tiny per-column ops: thread sync would dominate
                 ET = self._sweep(WT1, H_inv1, PT, nm, self.nm_exact)  # [B, out]; fills PT for N:M
-            WT1.masked_fill_(PT, 0.0)
+            # (the block's pruned entries of WT are stale from here on; zeroed once at the end)
             WT[i2:].addmm_(H_inv[i1:i2, i2:].T, ET, alpha=-1)  # lazy batch update of the remaining columns
 
-        PT_all[dead] = True
-        WT.masked_fill_(PT_all, 0.0)
+        if any_dead:
+            PT_all[dead] = True
+        KT = invert(PT_all)  # [in, out] True where kept
+        apply_mask_(WT, KT)
         if perm is not None:
             inv = torch.argsort(perm)
-            WT, PT_all = WT[inv], PT_all[inv]
-        return PruneResult(WT.T.contiguous(), ~PT_all.T.contiguous())
+            WT, KT = WT[inv], KT[inv]
+        return PruneResult(WT.T, KT.T)  # [out, in] views of the transposed results
 
     @staticmethod
     def _group_mask(W1: torch.Tensor, U: torch.Tensor, prune_n: int) -> torch.Tensor:
