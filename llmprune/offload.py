@@ -102,11 +102,17 @@ class DiskOffloader:
         self._mapped.append(mapped)
         return mapped
 
+    def _trim(self) -> None:
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+            self.trims += 1
+
     def set_aside(self, model: nn.Module, layers: list[nn.Module]) -> None:
         inside = {id(p) for layer in layers for p in layer.parameters()}
         for p in model.parameters():
             if id(p) not in inside and p.device.type == "cpu" and p.numel() > 0:
                 self._page_out(p.data)
+        self._trim()  # what loading and capturing freed
 
     def release(self, index: int, layer: nn.Module) -> None:
         for name, p in self._cpu_params(layer):
@@ -118,8 +124,7 @@ class DiskOffloader:
             if rss is not None and self._rss_first is None:
                 self._rss_first = rss
             elif rss is not None and rss > TRIM_GROWTH * self._rss_first:
-                self._libc.malloc_trim(0)
-                self.trims += 1
+                self._trim()
         log.debug("offloaded layer %d (%.1f MB so far, %d heap trims)", index, self.bytes / 2**20, self.trims)
 
     @contextlib.contextmanager
@@ -128,6 +133,7 @@ class DiskOffloader:
         if self._libc is None or not self._mapped:
             yield
             return
+        self._trim()  # the last layers' activations
         stop = threading.Event()
 
         def loop() -> None:

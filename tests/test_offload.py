@@ -65,6 +65,9 @@ def test_set_aside_pages_out_only_what_lies_outside_the_layers(tiny_llama_dir, t
     off._page_out = lambda t: seen.append(t.data_ptr())
     off.set_aside(model, list(layers))
     assert sorted(seen) == sorted(p.data_ptr() for p in outside)
+    off._libc = fake = _FakeLibc()
+    off.set_aside(model, list(layers))
+    assert fake.trims == 1  # and what loading and capturing freed goes back
     real = DiskOffloader(tmp_path)
     real.set_aside(model, list(layers))  # advisory: the values are re-read from the file when used
     assert all(torch.equal(p, v) for p, v in zip(outside, values))
