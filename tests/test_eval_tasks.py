@@ -35,11 +35,11 @@ def offline(shared_data_dir):
 
 @pytest.fixture(scope="module")
 def task_dict(shared_data_dir, monkeypatch_module):
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     monkeypatch_module.setenv("LLMPRUNE_DATA_DIR", str(shared_data_dir))
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    return get_task_dict(sorted(DOCS), manager)
+    return manager.load(sorted(DOCS))["tasks"]
 
 
 @pytest.fixture(scope="module")
