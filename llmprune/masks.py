@@ -51,19 +51,12 @@ def lowest_mask(S: torch.Tensor, k: int, scope: Scope = "matrix") -> torch.Tenso
     """True at exactly the ``k`` lowest scores of the matrix (``scope="matrix"``) or of each row
     (``"row"``): the weights to prune. Linear-time selection; ties at the threshold fall back to
     an exact top-k."""
-    if scope == "row":
-        rows, per = S.shape[0], S.shape[1]
-        total = k * rows
-        if k <= 0:
-            return torch.zeros_like(S, dtype=torch.bool)
-        if k >= per:
-            return torch.ones_like(S, dtype=torch.bool)
-    else:
-        total = k
-        if k <= 0:
-            return torch.zeros_like(S, dtype=torch.bool)
-        if k >= S.numel():
-            return torch.ones_like(S, dtype=torch.bool)
+    groups, size = (S.shape[0], S.shape[1]) if scope == "row" else (1, S.numel())  # k lowest of each group
+    if k <= 0:
+        return torch.zeros_like(S, dtype=torch.bool)
+    if k >= size:
+        return torch.ones_like(S, dtype=torch.bool)
+    total = k * groups
     if _numpy_ok(S):
         import numpy as np
 

@@ -121,7 +121,7 @@ class DiskOffloader:
             # the layer's activations were freed into the heap, where the next layer reuses them;
             # hand free pages back only when fragmentation has grown the resident set
             rss = _resident_bytes()
-            if rss is not None and self._rss_first is None:
+            if self._rss_first is None:
                 self._rss_first = rss
             elif rss is not None and rss > TRIM_GROWTH * self._rss_first:
                 self._trim()
