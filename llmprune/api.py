@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
-from .config import PruneConfig
-from .engine import LayerResidency, find_decoder_layers, resolve_device, run_sequential
+from .config import ConfigError, PruneConfig, parse_pattern
+from .engine import (LayerResidency, PrunePlan, SequentialRun, find_decoder_layers, pattern_name, resolve_device,
+                     sparsity_map)
 from .models import effective_seqlen
 from .offload import DiskOffloader
-from .pruners import get_pruner
 from .report import PruneReport
+from .steps import LayerTarget
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,23 @@ def calibration_tokens(config: PruneConfig, model, tokenizer, calibration: Any =
     return ids, desc
 
 
+def build_methods(config: PruneConfig):
+    """``(pruner, refiner, allocator)`` of a config, each built from the registry with its options."""
+    from .registry import lookup
+
+    pruner = lookup("method", config.method).from_config(config)
+    refiner = lookup("refine", config.refine).from_config(config) if config.refine else None
+    allocator = lookup("allocation", config.allocation).from_config(config) if config.allocation else None
+    return pruner, refiner, allocator
+
+
+def _layer_targets(values: list, n_layers: int, what: str) -> list[LayerTarget]:
+    if len(values) != n_layers:
+        raise ConfigError(f"{what} gives {len(values)} values but the model has {n_layers} decoder layers; "
+                          "give one per layer")
+    return [v if isinstance(v, LayerTarget) else LayerTarget(float(v), None) for v in values]
+
+
 def prune(
     model,
     tokenizer=None,
@@ -50,42 +68,57 @@ def prune(
 
     ``calibration`` may be a named source or path (overriding ``config.calib``), a LongTensor
     ``[n, L]``, a list of token lists or a DataLoader; ``overrides`` set config fields, e.g.
-    ``prune(model, tok, method="wanda", pattern="2:4")``. ``residency`` (e.g. a
-    :class:`~llmprune.offload.DiskOffloader`) moves each layer in and out of memory around its pruning.
+    ``prune(model, tok, method="wanda", pattern="2:4", refine="dsnot", allocation="owl")``.
+    ``residency`` (e.g. a :class:`~llmprune.offload.DiskOffloader`) moves each layer in and out
+    of memory around its pruning.
     """
     if config is None:
         config = PruneConfig.build(overrides)
     elif isinstance(config, dict):
         config = PruneConfig.build({**config, **overrides})
     elif overrides:
-        config = PruneConfig.build({**config.model_dump(), **overrides})
+        config = PruneConfig.build({**config.model_dump(exclude_unset=True), **overrides})
     t0 = time.perf_counter()
-    find_decoder_layers(model)  # fail on unsupported models before calibration work
+    _, layers = find_decoder_layers(model)  # fail on unsupported models before calibration work
+    if config.layer_sparsity is not None:
+        _layer_targets(config.layer_sparsity, len(layers), "layer_sparsity")
     device = resolve_device(config.device)
-    act_order = config.nm is not None if config.act_order is None else config.act_order
-    pruner = get_pruner(config.method, blocksize=config.blocksize, damp=config.damp, act_order=act_order,
-                        nm_exact=config.nm_exact)
-    if pruner.stats_kind == "none" and calibration is None:
+    pruner, refiner, allocator = build_methods(config)
+    needs = pruner.needs | (refiner.needs if refiner else frozenset()) | (allocator.needs if allocator else frozenset())
+    if not needs and calibration is None:
         # magnitude needs no data: one short window keeps the engine path uniform and cheap
         ids = torch.zeros(1, 1, dtype=torch.long)
         calib = {"source": None, "nsamples": 0, "seqlen": 0, "seed": config.seed}
     else:
         ids, calib = calibration_tokens(config, model, tokenizer, calibration)
     t1 = time.perf_counter()
-    sparsity = config.target_sparsity
-    layers = run_sequential(
-        model, ids, pruner, sparsity_of=lambda name: sparsity, nm=config.nm,
-        targets=config.targets, ignore=config.ignore, device=device,
-        batch_size=config.batch_size, progress=progress,
-        residency=residency,
-    )
+    nm = config.nm
+    per_module = {rx: LayerTarget(1 - parse_pattern(v)[0] / parse_pattern(v)[1], parse_pattern(v))
+                  if isinstance(v, str) else LayerTarget(v, None)
+                  for rx, v in (config.module_sparsity or {}).items()}
+    per_layer = (_layer_targets(config.layer_sparsity, len(layers), "layer_sparsity")
+                 if config.layer_sparsity is not None else None)
+    run = SequentialRun(model, ids, device=device, batch_size=config.batch_size, targets=config.targets,
+                        ignore=config.ignore, progress=progress, residency=residency)
+    plan = PrunePlan(pruner, lambda name: LayerTarget(config.target_sparsity, nm), refiner=refiner, nm=nm)
+    seconds = {"calibration": t1 - t0}
+    if allocator is not None:
+        run.observe(allocator.needs, allocator.observe, keep_first=plan.needs)
+        per_layer = _layer_targets(allocator.allocate(config.target_sparsity, nm), len(layers),
+                                   f"allocation {config.allocation!r}")
+        seconds["observe"] = time.perf_counter() - t1
+    plan = PrunePlan(pruner, sparsity_map(LayerTarget(config.target_sparsity, nm), per_layer, per_module),
+                     refiner=refiner, nm=nm)
     t2 = time.perf_counter()
+    layer_reports = run.prune(plan)
+    seconds["prune"] = time.perf_counter() - t2
     cfg = config.model_dump()
-    cfg["target_sparsity"] = sparsity
+    cfg["target_sparsity"] = config.target_sparsity
     name = config.model or getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
     return PruneReport(
-        config=cfg, model=str(name), calibration=calib, layers=layers,
-        seconds={"calibration": t1 - t0, "prune": t2 - t1},
+        config=cfg, model=str(name), calibration=calib, layers=layer_reports, seconds=seconds,
+        layer_targets=[(t.sparsity, pattern_name(t.nm)) for t in per_layer] if per_layer is not None else None,
+        permutations=plan.permutations,
     )
 
 

@@ -54,6 +54,8 @@ def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
         return str, None  # comma-separated
     if args:  # Optional[X] / Union
         inner = args[0]
+        if typing.get_origin(inner) in (list, dict):
+            return str, None  # comma-separated list, or 'RE=V;RE=V'
         if typing.get_origin(inner) is typing.Literal:
             return str, list(typing.get_args(inner))
         if isinstance(inner, type) and issubclass(inner, EvalConfig):

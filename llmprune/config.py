@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "ria")  # the built-in pruners (the registry is open)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -151,8 +151,16 @@ class PruneConfig(_Config):
     model: str | None = Field(
         None, description="Hub id or local folder; None prunes the embedded default SmolLM2-135M-Instruct."
     )
-    method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
-        "sparsegpt", description="Pruning method: magnitude, wanda or sparsegpt."
+    method: str = Field(
+        "sparsegpt", description="Pruning method: magnitude, wanda, sparsegpt, ria (or any registered pruner)."
+    )
+    refine: str | None = Field(
+        None, description="Refinement of every pruned mask, e.g. 'dsnot' (DSnoT prune-and-grow); none by default."
+    )
+    allocation: str | None = Field(
+        None,
+        description="Per-layer sparsity allocation from an observe-only pass over the dense model, e.g. 'owl'; "
+        "none: every layer gets --sparsity.",
     )
     sparsity: float | None = Field(
         None,
@@ -161,6 +169,16 @@ class PruneConfig(_Config):
     )
     pattern: str = Field(
         "unstructured", description="'unstructured', or 'N:M' to keep N of every M consecutive input weights."
+    )
+    layer_sparsity: list[float] | None = Field(
+        None,
+        description="Sparsity of each decoder layer, one fraction per layer in order (comma-separated); "
+        "not with --allocation.",
+    )
+    module_sparsity: dict[str, float | str] | None = Field(
+        None,
+        description="Sparsity by module: regex on the full module name -> fraction or 'N:M' pattern; the "
+        "first match wins over --layer-sparsity and allocations. CLI: 'mlp\\.=0.6;self_attn\\.=0.4'.",
     )
     calib: str = Field(
         "c4",
@@ -203,6 +221,32 @@ class PruneConfig(_Config):
         description="SparseGPT N:M: prune the set of a group's weights with the least exact OBS loss (every "
         "C(M, M-N) set scored); false: the reference's one-by-one saliency w^2 / [H^-1]_jj^2.",
     )
+    # RIA (method: ria)
+    ria_alpha: float = Field(
+        0.5, ge=0, description="RIA: exponent a on the input-activation norm ‖X_j‖₂ in the score (0: relative "
+        "importance only).",
+    )
+    ria_permute: bool = Field(
+        True, description="RIA N:M: reorder input channels so the N:M groups keep the most score (heuristic "
+        "allocation + linear-sum assignment); the weight is saved in the original order.",
+    )
+    ria_lsa_rounds: int = Field(
+        1, ge=0, description="RIA N:M permutation: sweeps of linear-sum-assignment refinement over the M positions "
+        "of a group (0: heuristic allocation only; the reference sweeps once).",
+    )
+    ria_lsa_blocks: int = Field(
+        1, ge=1, description="RIA N:M permutation: solve the assignment within this many contiguous blocks of "
+        "channels (faster, slightly worse; the reference's --fast uses 4/8/16).",
+    )
+    # OWL (allocation: owl)
+    owl_m: float = Field(
+        5.0, gt=0, description="OWL: a Wanda score |W|·‖X‖ counts as an outlier above owl_m x the mean score "
+        "of its decoder layer (the paper's M).",
+    )
+    owl_lambda: float = Field(
+        0.08, ge=0, lt=1, description="OWL: every layer's sparsity stays within sparsity ± owl_lambda (the paper's "
+        "λ); with N:M a layer's N moves by at most owl_lambda·M, so it needs at least 1/M to change anything.",
+    )
     # Engine
     batch_size: int | None = Field(
         None,
@@ -224,6 +268,66 @@ class PruneConfig(_Config):
         if isinstance(v, (str, list)):
             return split_eval_names(_split_list(v))
         return v
+
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, v: str) -> str:
+        return _registered("method", v)
+
+    @field_validator("refine", "allocation")
+    @classmethod
+    def _check_step(cls, v: str | None, info) -> str | None:
+        return None if v is None or v in ("none", "") else _registered(info.field_name, v)
+
+    @field_validator("layer_sparsity", mode="before")
+    @classmethod
+    def _layer_list(cls, v: Any) -> Any:
+        return _split_list(v)
+
+    @field_validator("layer_sparsity")
+    @classmethod
+    def _check_layer_sparsity(cls, v: list[float] | None) -> list[float] | None:
+        for x in v or []:
+            if not 0.0 <= x < 1.0:
+                raise ValueError(f"layer sparsity {x} is out of range; give fractions in [0, 1), one per layer")
+        return v
+
+    @field_validator("module_sparsity", mode="before")
+    @classmethod
+    def _module_map(cls, v: Any) -> Any:
+        if isinstance(v, str):  # 'RE=V;RE=V' from the command line
+            out = {}
+            for item in filter(None, (x.strip() for x in v.split(";"))):
+                rx, sep, val = item.rpartition("=")
+                if not sep or not rx:
+                    raise ValueError(f"module sparsity {item!r} is not understood; write REGEX=VALUE, e.g. 'mlp\\.=0.6'")
+                out[rx] = val.strip()
+            return out
+        return v
+
+    @field_validator("module_sparsity")
+    @classmethod
+    def _check_module_sparsity(cls, v: dict | None) -> dict | None:
+        if v is None:
+            return v
+        out: dict[str, float | str] = {}
+        for rx, val in v.items():
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise ValueError(f"{rx!r} is not a valid regular expression ({e})") from None
+            if isinstance(val, str) and ":" in val:
+                parse_pattern(val)
+                out[rx] = val.strip()
+                continue
+            try:
+                x = float(val)
+            except (TypeError, ValueError):
+                raise ValueError(f"module sparsity {val!r} for {rx!r} is not a fraction or an N:M pattern") from None
+            if not 0.0 <= x < 1.0:
+                raise ValueError(f"module sparsity {x} for {rx!r} is out of range; give a fraction in [0, 1)")
+            out[rx] = x
+        return out
 
     @field_validator("pattern", mode="before")
     @classmethod
@@ -277,6 +381,25 @@ class PruneConfig(_Config):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _check_options(self) -> PruneConfig:
+        if self.allocation is not None and self.layer_sparsity is not None:
+            raise ValueError("layer_sparsity and allocation both set the per-layer sparsity; give one of them")
+        selected = self.selected_methods()
+        for name in self.model_fields_set:
+            owners = option_owners().get(name)
+            if owners and not owners & selected:
+                raise ValueError(
+                    f"option {name!r} belongs to {', '.join(sorted(owners))}, which this config does not use "
+                    f"(method {self.method!r}, refine {self.refine!r}, allocation {self.allocation!r}); "
+                    "remove it or select that method"
+                )
+        return self
+
+    def selected_methods(self) -> set[str]:
+        """The registered methods this config uses: its pruner, refinement and allocation."""
+        return {x for x in (self.method, self.refine, self.allocation) if x}
+
     # ---- derived -------------------------------------------------------------------------
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -307,6 +430,11 @@ class PruneConfig(_Config):
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {str(path)!r} must be a mapping of config fields, got {type(data).__name__}")
         overrides = {k: v for k, v in overrides.items() if v is not None}
+        if any(k in overrides and overrides[k] != data.get(k) for k in ("method", "refine", "allocation")):
+            # options of the recipe's methods that the overrides replaced do not apply any more
+            kept = {overrides.get(k, data.get(k)) for k in ("method", "refine", "allocation")} - {None}
+            for key in [k for k in data if k in option_owners() and not option_owners()[k] & kept]:
+                data.pop(key)
         if "pattern" in overrides and "sparsity" not in overrides and parse_pattern(str(overrides["pattern"])):
             data.pop("sparsity", None)  # an N:M override implies its own sparsity
         if isinstance(overrides.get("eval"), (str, list)) and isinstance(data.get("eval"), dict):
@@ -317,7 +445,29 @@ class PruneConfig(_Config):
 
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(exclude_defaults=False), sort_keys=False)
+        owners, used = option_owners(), self.selected_methods()
+        data = {k: v for k, v in self.model_dump().items() if k not in owners or owners[k] & used}
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _registered(kind: str, name: str) -> str:
+    from .registry import lookup
+
+    lookup(kind, name)  # the error lists the registered choices
+    return name
+
+
+def option_owners() -> dict[str, set[str]]:
+    """Config field -> names of the registered methods that take it as an option."""
+    from .registry import PRUNERS, REFINERS, ALLOCATORS, load_builtins
+
+    load_builtins()
+    owners: dict[str, set[str]] = {}
+    for table in (PRUNERS, REFINERS, ALLOCATORS):
+        for name, cls in table.items():
+            for opt in getattr(cls, "options", ()):
+                owners.setdefault(opt, set()).add(name)
+    return owners
 
 
 def split_eval_names(names: list[str]) -> dict[str, list[str]]:

@@ -10,6 +10,7 @@ from typing import Any
 from .engine import LayerReport
 
 EVAL_FILE = "llmprune_eval.json"  # evaluation results saved beside a pruned checkpoint
+PERMUTATIONS_FILE = "llmprune_permutations.safetensors"  # input-channel permutations of N:M modules (RIA)
 
 
 def library_versions() -> dict[str, str]:
@@ -33,6 +34,8 @@ class PruneReport:
     seconds: dict[str, float] = field(default_factory=dict)  # load, calibration, prune, save, total
     versions: dict[str, str] = field(default_factory=library_versions)
     evaluation: Any = None  # EvalResults of the pruned model, when evaluated before saving
+    layer_targets: list[tuple[float, str]] | None = None  # per layer (sparsity, pattern) when not uniform
+    permutations: dict[str, Any] = field(default_factory=dict)  # module -> int32 [in] (RIA N:M), see save
 
     @property
     def modules(self):
@@ -58,10 +61,20 @@ class PruneReport:
             "target_sparsity": self.config.get("target_sparsity"),
             "measured_sparsity": round(self.sparsity, 6),
             "module_sparsity": {m.name: round(m.sparsity, 6) for m in self.modules},
+            "module_target_sparsity": {m.name: round(m.target_sparsity, 6) for m in self.modules},
+            "refine": self.config.get("refine"),
+            "allocation": self.config.get("allocation"),
+            **({"layer_sparsity": [{"sparsity": round(s, 6), "pattern": p} for s, p in self.layer_targets]}
+               if self.layer_targets is not None else {}),
             "calibration": self.calibration,
             "seed": self.config["seed"],
             "config": self.config,
             "versions": self.versions,
+            **({"permutations": {
+                "file": PERMUTATIONS_FILE, "modules": len(self.permutations),
+                "meaning": "the N:M groups of these modules are over permuted input channels: W[:, perm] has "
+                           "N nonzeros at most in every M consecutive columns; W keeps the original order",
+            }} if self.permutations else {}),
             **({"eval": {"file": EVAL_FILE, "metrics": self.evaluation.metrics}} if self.evaluation else {}),
         }
 
@@ -85,6 +98,7 @@ class PruneReport:
                 "seconds": self.seconds,
                 "versions": self.versions,
                 "eval": self.evaluation.metrics if self.evaluation else None,
+                "layer_targets": self.layer_targets,
                 "layers": [
                     {"index": layer.index, "seconds": layer.seconds, "error": layer.error,
                      "modules": [asdict(m) for m in layer.modules]}

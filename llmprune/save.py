@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .report import EVAL_FILE, PruneReport
+from .report import EVAL_FILE, PERMUTATIONS_FILE, PruneReport
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ def save_pruned(model, tokenizer, output: str | Path, report: PruneReport, overw
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         if report.evaluation is not None:
             report.evaluation.save(tmp / EVAL_FILE)
+        if report.permutations:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in report.permutations.items()}, tmp / PERMUTATIONS_FILE)
         os.chmod(tmp, 0o755)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -1,18 +1,46 @@
 """Input statistics of a linear map ``y = W x``, accumulated over calibration tokens.
 
-One place computes them for every pruner: ``"norms"`` keeps ``Σ x_j²`` per input feature
-(Wanda's ‖X_j‖₂²), ``"hessian"`` keeps ``H = Σ x xᵀ`` (SparseGPT's layer Hessian, up to the
-factor 2/n, which damping relative to the mean diagonal makes irrelevant). Both are summed in
-float32 whatever the activation dtype.
+Statistics are declared by what needs them: a pruner, a refinement step or an allocator names
+the ones it reads (``needs``), and the engine gathers the union once per shared input (q/k/v,
+gate/up). The statistics:
+
+- ``"sq"``: ``Σ_t x_tj²`` per input feature (Wanda's ‖X_j‖₂²);
+- ``"sum"``: ``Σ_t x_tj`` per input feature (with ``"sq"``, the per-input mean and variance);
+- ``"hessian"``: ``H = Σ_t x_t x_tᵀ`` (SparseGPT's layer Hessian, up to the factor 2/n, which
+  damping relative to the mean diagonal makes irrelevant). ``Σ x²`` is its diagonal, so a
+  Hessian makes a separate ``"sq"`` redundant and it is not accumulated twice.
+
+All are summed in float32 whatever the activation dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
 
-StatsKind = Literal["none", "norms", "hessian"]
+Stat = Literal["sq", "sum", "hessian"]
+STATS: tuple[str, ...] = ("sq", "sum", "hessian")
+# the kinds of earlier versions: one statistic per pruner
+_KINDS: dict[str, frozenset[str]] = {
+    "none": frozenset(), "norms": frozenset({"sq"}), "hessian": frozenset({"hessian"}),
+}
+
+
+def as_needs(needs: str | Iterable[str] | None) -> frozenset[str]:
+    """A set of statistic names from a set, a single name or an old kind (``"norms"``, ``"none"``)."""
+    if needs is None:
+        return frozenset()
+    if isinstance(needs, str):
+        if needs in _KINDS:
+            return _KINDS[needs]
+        needs = (needs,)
+    out = frozenset(needs)
+    unknown = out - set(STATS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; choose from: {', '.join(STATS)}")
+    return out
 
 
 def _block_bounds(d: int, width: int = 192) -> list[int]:
@@ -22,26 +50,37 @@ def _block_bounds(d: int, width: int = 192) -> list[int]:
 
 
 class InputStats:
-    """Statistics of the inputs of one linear map; built by :meth:`add` or given directly."""
+    """Statistics of the inputs of one linear map; built by :meth:`add` or given directly.
+
+    ``needs`` names the statistics to accumulate (see the module docstring); an old kind
+    (``"norms"``, ``"hessian"``, ``"none"``) is accepted too.
+    """
 
     def __init__(
         self,
-        kind: StatsKind,
+        needs: str | Iterable[str] | None = None,
         n: int = 0,
         sq: torch.Tensor | None = None,
         H: torch.Tensor | None = None,
         sample: torch.Tensor | None = None,
+        sum: torch.Tensor | None = None,  # noqa: A002 - the statistic's name
     ):
-        self.kind = kind
+        self.needs = as_needs(needs)
         self.n = n  # tokens seen
         self.sq = sq  # [in]  Σ_t x_tj²
+        self.sum = sum  # [in]  Σ_t x_tj
         self._H = H  # [in, in]  Σ_t x_t x_tᵀ (only the upper block triangle while _partial)
         self._partial = False
         self.sample = sample  # [s, in] a few rows of X, for error estimates
         self.cache: dict = {}  # derived data a pruner computes once for modules sharing these inputs
 
+    @property
+    def kind(self) -> str:
+        """The earlier single-kind name, for messages."""
+        return "+".join(s for s in STATS if s in self.needs) or "none"
+
     def __repr__(self) -> str:
-        return f"InputStats(kind={self.kind!r}, n={self.n})"
+        return f"InputStats(needs={self.kind!r}, n={self.n})"
 
     def add(self, X: torch.Tensor, keep_sample: int = 0) -> None:
         """Accumulate a batch of inputs ``X`` of shape ``[..., in]``."""
@@ -51,15 +90,18 @@ class InputStats:
             step = max(1, X.shape[0] // keep_sample)
             self.sample = X[::step][:keep_sample].float().clone()  # [s, in]
         self.n += X.shape[0]
-        if self.kind == "none":
-            return
-        if self.kind == "norms":
+        d = X.shape[1]
+        if "sq" in self.needs and "hessian" not in self.needs:
             if self.sq is None:
-                self.sq = torch.zeros(X.shape[1], dtype=torch.float32, device=X.device)
+                self.sq = torch.zeros(d, dtype=torch.float32, device=X.device)
             for Xc in X.split(4096):  # bounded temporaries: X can be the whole calibration batch
                 self.sq.add_(Xc.float().pow(2).sum(0))  # [in]
-        else:
-            d = X.shape[1]
+        if "sum" in self.needs:
+            if self.sum is None:
+                self.sum = torch.zeros(d, dtype=torch.float32, device=X.device)
+            for Xc in X.split(4096):
+                self.sum.add_(Xc.float().sum(0))  # [in]
+        if "hessian" in self.needs:
             if self._H is None:
                 self._H = torch.zeros(d, d, dtype=torch.float32, device=X.device)
             # H is symmetric: accumulate only its upper block triangle (blocks of ~192 columns:
@@ -91,9 +133,21 @@ class InputStats:
         """``Σ_t x_tj²`` per input feature ``j``, from whichever statistic was kept."""
         if self.sq is not None:
             return self.sq
-        if self.H is not None:
+        if self._H is not None:
             return torch.diagonal(self.H)
-        raise ValueError("these statistics hold no activation norms; accumulate with kind='norms' or 'hessian'")
+        raise ValueError("these statistics hold no activation norms; accumulate 'sq' or 'hessian'")
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``E[x_j]`` per input feature  [in]."""
+        if self.sum is None:
+            raise ValueError("these statistics hold no input sums; accumulate 'sum'")
+        return self.sum / max(self.n, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance ``E[x_j²] − E[x_j]²`` per input feature  [in] (clamped at 0)."""
+        return (self.col_sq_norms / max(self.n, 1) - self.mean.pow(2)).clamp_min_(0)
 
 
 def relative_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor | None) -> float:

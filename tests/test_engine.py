@@ -65,7 +65,7 @@ def _prune(model, calib_ids, **kwargs):
 @pytest.fixture
 def chunks_of_two(monkeypatch, calib_ids):
     """CPU forwards in chunks of 2 samples, so one-pass runs its chunks in lockstep."""
-    monkeypatch.setattr(engine, "CPU_CHUNK_TOKENS", 2 * calib_ids.shape[1])
+    monkeypatch.setattr(engine.lockstep, "CPU_CHUNK_TOKENS", 2 * calib_ids.shape[1])
 
 
 @pytest.mark.parametrize("batch_size", [None, "lockstep", 4], ids=["one-pass", "one-pass-lockstep", "two-pass"])
@@ -280,7 +280,7 @@ def test_lockstep_chunks_prune_like_the_whole_batch(arch, method, calib_ids, mon
     batch at once, routed experts included; only summation order differs."""
     whole, chunked = make_tiny_model(arch), make_tiny_model(arch)
     ra = _prune(whole, calib_ids, method=method, pattern="2:4")
-    monkeypatch.setattr(engine, "CPU_CHUNK_TOKENS", 2 * calib_ids.shape[1])
+    monkeypatch.setattr(engine.lockstep, "CPU_CHUNK_TOKENS", 2 * calib_ids.shape[1])
     rb = _prune(chunked, calib_ids, method=method, pattern="2:4")
     a, b = decoder_targets(whole, arch), decoder_targets(chunked, arch)
     assert a.keys() == b.keys()

@@ -206,9 +206,11 @@ def test_pruner_does_not_modify_its_input(method):
 
 
 def test_get_pruner_unknown_method_lists_choices():
-    with pytest.raises(ValueError, match=r"unknown method 'wandaa'; choose one of: magnitude, wanda, sparsegpt"):
+    with pytest.raises(ValueError, match=r"unknown method 'wandaa'; choose one of: magnitude, ria, sparsegpt, wanda"):
         get_pruner("wandaa")
-    assert set(PRUNERS) == set(METHODS)
+    assert set(PRUNERS) >= {*METHODS, "ria"}
+    with pytest.raises(ValueError, match="method 'wanda' takes no option blocksize"):
+        get_pruner("wanda", blocksize=32)
     sg = get_pruner("sparsegpt", blocksize=32, damp=0.1)
     assert (sg.blocksize, sg.damp) == (32, 0.1)
 

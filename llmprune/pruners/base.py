@@ -3,17 +3,21 @@
 Pruners see bare tensors only (no modules, devices, hooks or data), so each is tested on
 small matrices. ``W`` is always ``[out, in]`` float32; the engine converts storage layouts
 (GPT-2's ``Conv1D``, fused experts) and dtypes around the call.
+
+A pruner declares the input statistics it reads (``needs``, see :mod:`llmprune.stats`) and the
+config fields it takes (``options``: each a field of :class:`llmprune.PruneConfig` and a keyword
+of its ``__init__``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from ..stats import InputStats, StatsKind
+from ..stats import InputStats
 
 
 @dataclass
@@ -22,11 +26,25 @@ class PruneResult:
     M: torch.Tensor  # [out, in] bool, True where the weight is kept (may be a strided view)
 
 
-class Pruner(ABC):
-    """Base class: subclasses set ``name`` and ``stats_kind`` and implement :meth:`prune`."""
+class Method(ABC):
+    """What every registered method (pruner or step around one) declares."""
 
     name: ClassVar[str]
-    stats_kind: ClassVar[StatsKind]
+    needs: ClassVar[frozenset[str]] = frozenset()  # input statistics read (see llmprune.stats)
+    options: ClassVar[tuple[str, ...]] = ()  # config fields passed to __init__ as keywords
+
+    @classmethod
+    def from_config(cls, config: Any) -> Method:
+        """An instance with its options read from ``config`` (a :class:`~llmprune.PruneConfig`)."""
+        return cls(**{k: getattr(config, k) for k in cls.options})
+
+
+class Pruner(Method):
+    """Base class: subclasses set ``name`` and ``needs`` and implement :meth:`prune`."""
+
+    @property
+    def stats_kind(self) -> str:  # earlier single-kind name
+        return InputStats(self.needs).kind
 
     @abstractmethod
     def prune(

@@ -10,12 +10,13 @@ import torch
 
 from ..masks import select_mask
 from ..stats import InputStats
+from ..registry import register_pruner
 from .base import Pruner, PruneResult
 
 
+@register_pruner
 class Magnitude(Pruner):
     name = "magnitude"
-    stats_kind = "none"
 
     def prune(
         self, W: torch.Tensor, stats: InputStats | None, sparsity: float, nm: tuple[int, int] | None = None

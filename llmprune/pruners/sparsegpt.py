@@ -35,6 +35,7 @@ import torch
 
 from ..masks import apply_mask_, invert, lowest_mask
 from ..stats import InputStats
+from ..registry import register_pruner
 from .base import Pruner, PruneResult
 
 log = logging.getLogger(__name__)
@@ -96,14 +97,17 @@ def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, eye, upper=False)
 
 
+@register_pruner
 class SparseGPT(Pruner):
     name = "sparsegpt"
-    stats_kind = "hessian"
+    needs = frozenset({"hessian"})
+    options = ("blocksize", "damp", "act_order", "nm_exact")
 
-    def __init__(self, blocksize: int = 128, damp: float = 0.01, act_order: bool = False, nm_exact: bool = True):
+    def __init__(self, blocksize: int = 128, damp: float = 0.01, act_order: bool | None = False,
+                 nm_exact: bool = True):
         self.blocksize = blocksize
         self.damp = damp
-        self.act_order = act_order
+        self.act_order = act_order  # None: on for N:M patterns, off for unstructured
         self.nm_exact = nm_exact
 
     def inverse_hessian_factor(self, H: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,12 +134,13 @@ class SparseGPT(Pruner):
 
     def _factor(self, stats: InputStats, nm: tuple[int, int] | None):
         """``(H_inv, dead, perm)`` of ``stats``, computed once for the modules that share an input (q/k/v)."""
-        key = ("sparsegpt", self.damp, self.act_order, None if nm is None else nm[1], stats.n)
+        act_order = nm is not None if self.act_order is None else self.act_order
+        key = ("sparsegpt", self.damp, act_order, None if nm is None else nm[1], stats.n)
         if stats.cache.get("key") == key:
             return stats.cache["value"]
         H = stats.H.float().clone()  # [in, in]
         perm = None
-        if self.act_order:
+        if act_order:
             g = 1 if nm is None else nm[1]
             if H.shape[0] % g == 0:
                 # visit groups of columns (whole N:M groups) by decreasing Hessian diagonal

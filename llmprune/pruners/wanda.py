@@ -11,12 +11,14 @@ import torch
 
 from ..masks import select_mask
 from ..stats import InputStats
+from ..registry import register_pruner
 from .base import Pruner, PruneResult
 
 
+@register_pruner
 class Wanda(Pruner):
     name = "wanda"
-    stats_kind = "norms"
+    needs = frozenset({"sq"})
 
     def prune(
         self, W: torch.Tensor, stats: InputStats, sparsity: float, nm: tuple[int, int] | None = None

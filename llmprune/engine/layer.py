@@ -1,0 +1,162 @@
+"""One decoder layer's work: forward pre-hooks on its targets gather the input statistics that
+the run declared (shared between targets fed the very same tensor: q/k/v, gate/up) and prune
+each target on demand, then report what was done."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..stats import InputStats
+from .lockstep import Lockstep
+from .targets import ExpertGroup, Target
+
+log = logging.getLogger(__name__)
+
+ERROR_SAMPLE_ROWS = 128  # input rows kept per target to estimate its relative output error
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    shape: tuple[int, int]
+    target_sparsity: float
+    sparsity: float  # measured fraction of exact zeros after pruning
+    error: float  # relative output error ‖ΔW X‖/‖W X‖ on sample inputs
+    tokens: int  # calibration tokens seen
+    pattern: str = "unstructured"  # or "N:M" (of consecutive inputs; "N:M permuted": see ``perm``)
+
+
+@dataclass
+class LayerReport:
+    index: int
+    seconds: float
+    modules: list[ModuleReport] = field(default_factory=list)
+
+    @property
+    def error(self) -> float:
+        errs = [m.error for m in self.modules if m.error == m.error]
+        return sum(errs) / len(errs) if errs else float("nan")
+
+
+class LayerWork:
+    """Hooks on one decoder layer's targets: gather the declared input statistics, prune on demand.
+
+    ``prune(target, stats)`` prunes one target and returns its report; ``None`` observes only
+    (the statistics stay in :attr:`stats`). ``reuse`` holds statistics of the dense layer from
+    an observe-only pass; a target takes them instead of recomputing them while no target of
+    this layer has been pruned yet (its input is then still the dense one).
+    """
+
+    def __init__(self, targets: list[Target], groups: list[ExpertGroup], needs: frozenset[str],
+                 prune: Callable[[Target, InputStats | None], ModuleReport] | None, prune_in_hook: bool,
+                 reuse: dict[str, InputStats] | None = None):
+        self.targets = targets
+        self.groups = groups
+        self.needs = needs
+        self.prune_fn = prune
+        self.prune_in_hook = prune_in_hook and prune is not None
+        self.reuse = reuse or {}
+        self.stats: dict[str, InputStats] = {}
+        self.seen: dict[int, tuple[weakref.ref, InputStats]] = {}  # inputs of the current forward
+        self.reports: dict[str, ModuleReport] = {}
+        self.handles = []
+        self.lockstep: Lockstep | None = None  # set while chunks run in lockstep
+        self.expert_inputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # parked chunks' routing
+
+    @property
+    def all_targets(self) -> list[Target]:
+        return self.targets + [t for g in self.groups for t in g.targets]
+
+    def __enter__(self) -> LayerWork:
+        for t in self.targets:
+            self.handles.append(t.module.register_forward_pre_hook(self._hook(t)))
+        for g in self.groups:
+            self.handles.append(g.module.register_forward_pre_hook(self._experts_hook(g), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def new_forward(self) -> None:
+        self.seen.clear()
+
+    def _observe(self, t: Target, X: torch.Tensor) -> None:
+        """Add input ``X`` of target ``t`` to its statistics, sharing them with earlier targets
+        that received the very same tensor in this forward (q/k/v, gate/up)."""
+        if t.name in self.reports:  # already pruned (a module applied twice)
+            return
+        entry = self.seen.get(id(X))
+        own = self.stats.get(t.name)
+        if entry is not None and entry[0]() is X and (own is None or own is entry[1]):
+            self.stats[t.name] = entry[1]
+        elif t.name in self.reuse and not self.reports:  # the dense statistics, already complete
+            own = self.stats[t.name] = self.reuse[t.name]
+            self.seen[id(X)] = (weakref.ref(X), own)
+        else:
+            if own is None:
+                own = self.stats[t.name] = InputStats(self.needs)
+            own.add(X, keep_sample=ERROR_SAMPLE_ROWS)
+            self.seen[id(X)] = (weakref.ref(X), own)
+        if self.prune_in_hook:
+            if self._parks():
+                self.lockstep.park(t)  # returns once every chunk has added its input and t is pruned
+            else:
+                self.prune(t)
+
+    def _parks(self) -> bool:
+        """Whether the current forward is a lockstep chunk, which parks instead of pruning."""
+        return self.lockstep is not None and self.lockstep.in_chunk()
+
+    def _hook(self, t: Target) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._observe(t, args[0])
+
+        return hook
+
+    def _experts_hook(self, g: ExpertGroup) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+            hidden, top_k_index = bound["hidden_states"], bound["top_k_index"]  # [T, H], [T, k]
+            if self.prune_in_hook and self._parks():
+                # every chunk's tokens are routed together once all chunks are here (release)
+                self.expert_inputs.setdefault(id(g), []).append((hidden, top_k_index))
+                self.lockstep.park(g)
+            else:
+                self._observe_experts(g, hidden, top_k_index)
+
+        return hook
+
+    def _observe_experts(self, g: ExpertGroup, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        for e, token_idx in g.routed(top_k_index):
+            X = hidden[token_idx]  # [t_e, H]
+            if g.gate_up:
+                self._observe(g.gate_up[e], X)
+            if g.down:  # input of the down projection, after gate_up was pruned in one-pass mode
+                self._observe(g.down[e], g.intermediate(e, X))
+
+    def release(self, key: Target | ExpertGroup) -> None:
+        """Prune what the chunks parked at (called outside the chunks, once all have arrived)."""
+        if isinstance(key, ExpertGroup):
+            parts = self.expert_inputs.pop(id(key))
+            self._observe_experts(key, torch.cat([h for h, _ in parts]), torch.cat([k for _, k in parts]))
+        else:
+            self.prune(key)
+
+    def prune(self, t: Target) -> None:
+        self.reports[t.name] = self.prune_fn(t, self.stats.get(t.name))
+
+    def prune_remaining(self) -> None:
+        for t in self.all_targets:
+            if t.name not in self.reports:
+                self.prune(t)
+        self.stats.clear()
+        self.seen.clear()

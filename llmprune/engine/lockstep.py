@@ -1,0 +1,85 @@
+"""Lockstep execution of one decoder layer over small CPU chunks of the calibration batch.
+
+Each chunk's layer forward is a greenlet; at every target's pre-hook it adds its input to the
+target's statistics and parks; when all live chunks are parked, the earliest park point in the
+layer's module order is released (the target pruned, or a fused-experts module routed and
+pruned on all chunks' tokens) and the chunks resume. The arithmetic is that of the whole batch
+at once; the activations of a chunk stay in cache (measured: 32 x 512 tokens through the
+embedded model's layers take 46 s as one batch, 28 s as chunks of 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .targets import ExpertGroup, Target
+
+CPU_CHUNK_TOKENS = 2048  # tokens per forward chunk on the CPU: a chunk's activations stay in cache
+
+
+class Lockstep:
+    """One layer forward per calibration chunk, each a greenlet, run in lockstep on one thread.
+
+    A chunk's forward parks at each target's pre-hook (after adding its input to the target's
+    statistics) and at each fused-experts module. When every live chunk is parked, the earliest
+    park point in the layer's module order is released (its target pruned, or its experts
+    routed and pruned on all chunks' tokens) and the chunks waiting there resume. Chunks skip
+    targets they do not call (routed experts), which the module order accounts for.
+    """
+
+    def __init__(self, layer: nn.Module):
+        self.rank = {id(m): i for i, m in enumerate(layer.modules())}  # module order in the layer
+        self.parked: dict[Any, Target | ExpertGroup] = {}
+        self.chunks: set = set()
+        self.main = None
+
+    def in_chunk(self) -> bool:
+        from greenlet import getcurrent
+
+        return getcurrent() in self.chunks
+
+    def park(self, key: Target | ExpertGroup) -> None:
+        from greenlet import getcurrent
+
+        self.parked[getcurrent()] = key
+        self.main.switch()
+
+    def run(self, forwards: list[Callable[[], torch.Tensor]], release: Callable[[Target | ExpertGroup], None],
+            done: Callable[[int, torch.Tensor], None]) -> None:
+        """Run every chunk's forward; ``done(c, output)`` as each finishes."""
+        from greenlet import getcurrent, greenlet
+
+        self.main = getcurrent()
+
+        def body(c: int) -> Callable[[], None]:
+            def run() -> None:
+                done(c, forwards[c]())
+            return run
+
+        lets = [greenlet(body(c)) for c in range(len(forwards))]
+        self.chunks = set(lets)
+        try:
+            for g in lets:
+                g.switch()  # to its first park point, or to the end of its forward
+            while self.parked:
+                key = min(self.parked.values(), key=lambda k: self.rank.get(id(k.module), -1))
+                waiting = [g for g, k in self.parked.items() if k is key]
+                release(key)
+                for g in waiting:
+                    del self.parked[g]
+                    g.switch()
+        finally:
+            self.chunks, self.parked, self.main = set(), {}, None
+
+
+def compute_chunk(seqlen: int, batch_size: int, device: torch.device) -> int:
+    """Samples per layer forward: small chunks on the CPU (cache), the memory-planned batch on GPUs."""
+    if device.type != "cpu":
+        return batch_size
+    return max(1, min(batch_size, CPU_CHUNK_TOKENS // max(seqlen, 1)))
+

@@ -1,0 +1,106 @@
+"""What a prune pass does to each target: its pruner, its own sparsity, an optional refinement.
+
+``target_of(name)`` gives each target its :class:`~llmprune.steps.LayerTarget` (a fraction, or
+an N:M pattern): one value for all, a user mapping from a recipe, or an allocator's output.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from ..masks import zero_fraction
+from ..pruners import Magnitude, Pruner
+from ..stats import InputStats, relative_error
+from ..steps import LayerTarget, Refiner
+from .layer import ModuleReport
+from .targets import Target
+
+log = logging.getLogger(__name__)
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def layer_index(name: str) -> int:
+    """The decoder-layer index in a target's full name (``model.layers.3.mlp.up_proj`` -> 3)."""
+    m = _LAYER_INDEX.search(name)
+    if m is None:
+        raise ValueError(f"no layer index in module name {name!r}")
+    return int(m.group(1))
+
+
+def pattern_name(nm: tuple[int, int] | None) -> str:
+    return "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
+
+
+def sparsity_map(
+    default: LayerTarget,
+    per_layer: Sequence[LayerTarget] | None = None,
+    per_module: Mapping[str, LayerTarget] | None = None,
+) -> Callable[[str], LayerTarget]:
+    """``name -> LayerTarget``: the first regex of ``per_module`` found in the full module name,
+    else the module's layer's entry of ``per_layer``, else ``default``."""
+    rules = [(re.compile(rx), t) for rx, t in (per_module or {}).items()]
+
+    def target_of(name: str) -> LayerTarget:
+        for rx, t in rules:
+            if rx.search(name):
+                return t
+        if per_layer is not None:
+            return per_layer[layer_index(name)]
+        return default
+
+    return target_of
+
+
+class PrunePlan:
+    """Prunes one target at a time: ``plan(target, stats) -> ModuleReport``."""
+
+    def __init__(self, pruner: Pruner, target_of: Callable[[str], LayerTarget | float],
+                 refiner: Refiner | None = None, nm: tuple[int, int] | None = None):
+        self.pruner = pruner
+        self._target_of = target_of
+        self.refiner = refiner
+        self.nm = nm  # the pattern of targets whose ``target_of`` gives a bare fraction
+        # input-channel permutations of N:M results chosen in a permuted order (RIA):
+        # W[:, perm] has the N:M pattern in consecutive groups, W itself in general not
+        self.permutations: dict[str, torch.Tensor] = {}
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The statistics every target's input must provide."""
+        return self.pruner.needs | (self.refiner.needs if self.refiner is not None else frozenset())
+
+    def target_of(self, name: str) -> LayerTarget:
+        t = self._target_of(name)
+        return t if isinstance(t, LayerTarget) else LayerTarget(float(t), self.nm)
+
+    def __call__(self, t: Target, stats: InputStats | None) -> ModuleReport:
+        spec = self.target_of(t.name)
+        pruner, refiner = self.pruner, self.refiner
+        if stats is None or stats.n == 0:
+            if self.needs:
+                log.info("%s received no calibration input; pruning it by magnitude", t.name)
+            pruner, refiner, stats = Magnitude(), None, InputStats()
+        W = t.get_weight()  # [out, in] float32
+        res = pruner.prune(W, stats, spec.sparsity, spec.nm)
+        if refiner is not None and spec.sparsity > 0:
+            res = refiner.refine(W, res, stats, spec.sparsity, spec.nm)
+        t.set_weight(res.W)
+        pattern = pattern_name(spec.nm)
+        perm = getattr(res, "perm", None)
+        if spec.nm is not None and perm is not None:
+            pattern += " permuted"
+            self.permutations[t.name] = perm.to("cpu", torch.int32)  # [in]
+        return ModuleReport(
+            name=t.name,
+            shape=t.shape,
+            target_sparsity=spec.sparsity,
+            sparsity=zero_fraction(t.stored()),
+            error=relative_error(W, res.W, stats.sample),
+            tokens=stats.n,
+            pattern=pattern,
+        )

@@ -1,0 +1,23 @@
+"""Where a decoder layer's weights live outside the moment the engine works on it."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch import nn
+
+
+class LayerResidency(Protocol):
+    """Brings each decoder layer into memory before it is pruned and moves it out after
+    (see :class:`llmprune.offload.DiskOffloader`)."""
+
+    def acquire(self, index: int, layer: nn.Module) -> None: ...
+
+    def release(self, index: int, layer: nn.Module) -> None: ...
+
+    def set_aside(self, model: nn.Module, layers: list[nn.Module]) -> None:
+        """Called once the first layer's inputs are captured: the parameters outside ``layers``
+        (embeddings, final norm, head) are not read again until every layer is pruned."""
+
+    def observed(self, index: int, layer: nn.Module) -> None:
+        """Called after an observe-only pass read layer ``index`` without changing it."""

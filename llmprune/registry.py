@@ -1,0 +1,61 @@
+"""The open registry of methods: pruners, refinement steps and allocators, by name.
+
+A method is one file under ``llmprune/pruners/`` or ``llmprune/steps/`` whose class carries one
+of the decorators below; the packages import every file they hold, so nothing else needs editing.
+Outside the package, ``register_pruner(MyPruner)`` makes ``method="mine"`` available too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+PRUNERS: dict[str, type] = {}
+REFINERS: dict[str, type] = {}
+ALLOCATORS: dict[str, type] = {}
+_TABLES = {"method": PRUNERS, "refine": REFINERS, "allocation": ALLOCATORS}
+
+
+def _register(table: dict[str, type], cls: T) -> T:
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls!r} needs a class attribute 'name' to be registered")
+    if name in table and table[name] is not cls:
+        raise ValueError(f"a method named {name!r} is already registered ({table[name].__qualname__})")
+    table[name] = cls
+    return cls
+
+
+def register_pruner(cls: T) -> T:
+    """Class decorator: make a :class:`~llmprune.pruners.Pruner` available as ``method=cls.name``."""
+    return _register(PRUNERS, cls)
+
+
+def register_refiner(cls: T) -> T:
+    """Class decorator: make a :class:`~llmprune.steps.Refiner` available as ``refine=cls.name``."""
+    return _register(REFINERS, cls)
+
+
+def register_allocator(cls: T) -> T:
+    """Class decorator: make an :class:`~llmprune.steps.Allocator` available as ``allocation=cls.name``."""
+    return _register(ALLOCATORS, cls)
+
+
+def load_builtins() -> None:
+    """Import the built-in methods (they register themselves)."""
+    from . import pruners, steps  # noqa: F401
+
+
+def table(kind: str) -> dict[str, type]:
+    """The registered classes of one kind: ``"method"``, ``"refine"`` or ``"allocation"``."""
+    load_builtins()
+    return _TABLES[kind]
+
+
+def lookup(kind: str, name: str) -> Any:
+    """The class registered as ``name``; an error listing the choices otherwise."""
+    t = table(kind)
+    if name not in t:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(t))}")
+    return t[name]

@@ -1,0 +1,52 @@
+"""Steps around any pruner: a refinement of a pruned mask (DSnoT), a per-layer allocation of
+the sparsity (OWL). Like pruners they see bare tensors and declare what they read."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..pruners.base import Method, PruneResult
+from ..stats import InputStats
+
+
+class Refiner(Method):
+    """Changes a pruner's result for one weight, keeping its sparsity (and its N:M pattern)."""
+
+    @abstractmethod
+    def refine(self, W: torch.Tensor, result: PruneResult, stats: InputStats, sparsity: float,
+               nm: tuple[int, int] | None = None) -> PruneResult:
+        """``W [out, in]``: the dense float32 weight before pruning; ``result``: the pruner's output.
+        Returns a result with the same number of kept weights in every row (and every N:M group)."""
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """The sparsity one decoder layer is pruned to: a fraction, or an N:M pattern."""
+
+    sparsity: float
+    nm: tuple[int, int] | None = None
+
+
+@dataclass
+class ObservedModule:
+    """One target of a decoder layer in the observe-only pass: its dense weight and input statistics."""
+
+    name: str  # full name in the model
+    W: torch.Tensor  # [out, in] float32 dense weight
+    stats: InputStats
+
+
+class Allocator(Method):
+    """Chooses each decoder layer's sparsity from an observe-only pass over the dense model."""
+
+    @abstractmethod
+    def observe(self, layer: int, modules: list[ObservedModule]) -> None:
+        """Called once per decoder layer, in order, with the layer's targets (dense weights)."""
+
+    @abstractmethod
+    def allocate(self, sparsity: float, nm: tuple[int, int] | None = None) -> list[LayerTarget]:
+        """One target per observed layer, in order. The mean over all pruned weights (weighted by
+        size) equals ``sparsity`` (or ``1 - N/M``)."""
