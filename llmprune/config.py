@@ -238,6 +238,26 @@ class PruneConfig(_Config):
         1, ge=1, description="RIA N:M permutation: solve the assignment within this many contiguous blocks of "
         "channels (faster, slightly worse; the reference's --fast uses 4/8/16).",
     )
+    # DSnoT (refine: dsnot)
+    dsnot_cycles: int = Field(
+        50, ge=0, description="DSnoT: at most this many grow-and-prune swaps per output row (the reference's "
+        "max_cycle_time).",
+    )
+    dsnot_threshold: float = Field(
+        0.1 / 2048, ge=0, description="DSnoT: stop a row once |Σ_j (W - Ŵ)_ij E[x_j]| is at most this, per token "
+        "(the reference's update_threshold 0.1 on sums over 2048-token sequences, made independent of seqlen).",
+    )
+    dsnot_var_power: float = Field(
+        1.0, ge=0, description="DSnoT: the growing score is W·E[x] / Var[x]^p; 0 disables the variance term.",
+    )
+    dsnot_same_sign: bool | None = Field(
+        None, description="DSnoT: refuse a swap that flips the sign of the row's error; unset: as the reference "
+        "(off for unstructured, on for N:M).",
+    )
+    dsnot_skip: str | None = Field(
+        r"mlp|\.fc\d|experts|moe", description="DSnoT: regex on full module names left unrefined (the reference "
+        "refines attention only: --skip_layer mlp); '' refines every target.",
+    )
     # OWL (allocation: owl)
     owl_m: float = Field(
         5.0, gt=0, description="OWL: a Wanda score |W|·‖X‖ counts as an outlier above owl_m x the mean score "
@@ -352,7 +372,7 @@ class PruneConfig(_Config):
             raise ValueError(f"sparsity {v} is out of range; give a fraction in [0, 1), e.g. 0.5")
         return v
 
-    @field_validator("targets", "ignore")
+    @field_validator("targets", "ignore", "dsnot_skip")
     @classmethod
     def _check_regex(cls, v: str | None) -> str | None:
         if v is not None:

@@ -87,7 +87,7 @@ class PrunePlan:
             pruner, refiner, stats = Magnitude(), None, InputStats()
         W = t.get_weight()  # [out, in] float32
         res = pruner.prune(W, stats, spec.sparsity, spec.nm)
-        if refiner is not None and spec.sparsity > 0:
+        if refiner is not None and spec.sparsity > 0 and refiner.applies(t.name):
             res = refiner.refine(W, res, stats, spec.sparsity, spec.nm)
         t.set_weight(res.W)
         pattern = pattern_name(spec.nm)

@@ -21,6 +21,10 @@ class Refiner(Method):
         """``W [out, in]``: the dense float32 weight before pruning; ``result``: the pruner's output.
         Returns a result with the same number of kept weights in every row (and every N:M group)."""
 
+    def applies(self, name: str) -> bool:
+        """Whether the target ``name`` (its full name in the model) is refined; all by default."""
+        return True
+
 
 @dataclass(frozen=True)
 class LayerTarget:
