@@ -55,6 +55,14 @@ def _layer_targets(values: list, n_layers: int, what: str) -> list[LayerTarget]:
     return [v if isinstance(v, LayerTarget) else LayerTarget(float(v), None) for v in values]
 
 
+def _module_target(value: float | str) -> LayerTarget:
+    """A ``module_sparsity`` value: a fraction (unstructured) or an ``N:M`` pattern."""
+    if isinstance(value, str):
+        n, m = parse_pattern(value)
+        return LayerTarget(1 - n / m, (n, m))
+    return LayerTarget(float(value), None)
+
+
 def prune(
     model,
     tokenizer=None,
@@ -80,12 +88,12 @@ def prune(
         config = PruneConfig.build({**config.model_dump(exclude_unset=True), **overrides})
     t0 = time.perf_counter()
     _, layers = find_decoder_layers(model)  # fail on unsupported models before calibration work
-    if config.layer_sparsity is not None:
-        _layer_targets(config.layer_sparsity, len(layers), "layer_sparsity")
+    per_layer = (_layer_targets(config.layer_sparsity, len(layers), "layer_sparsity")
+                 if config.layer_sparsity is not None else None)
     device = resolve_device(config.device)
     pruner, refiner, allocator = build_methods(config)
-    needs = pruner.needs | (refiner.needs if refiner else frozenset()) | (allocator.needs if allocator else frozenset())
-    if not needs and calibration is None:
+    prune_needs = pruner.needs | (refiner.needs if refiner else frozenset())
+    if not (prune_needs | (allocator.needs if allocator else frozenset())) and calibration is None:
         # magnitude needs no data: one short window keeps the engine path uniform and cheap
         ids = torch.zeros(1, 1, dtype=torch.long)
         calib = {"source": None, "nsamples": 0, "seqlen": 0, "seed": config.seed}
@@ -93,17 +101,12 @@ def prune(
         ids, calib = calibration_tokens(config, model, tokenizer, calibration)
     t1 = time.perf_counter()
     nm = config.nm
-    per_module = {rx: LayerTarget(1 - parse_pattern(v)[0] / parse_pattern(v)[1], parse_pattern(v))
-                  if isinstance(v, str) else LayerTarget(v, None)
-                  for rx, v in (config.module_sparsity or {}).items()}
-    per_layer = (_layer_targets(config.layer_sparsity, len(layers), "layer_sparsity")
-                 if config.layer_sparsity is not None else None)
+    per_module = {rx: _module_target(v) for rx, v in (config.module_sparsity or {}).items()}
     run = SequentialRun(model, ids, device=device, batch_size=config.batch_size, targets=config.targets,
                         ignore=config.ignore, progress=progress, residency=residency)
-    plan = PrunePlan(pruner, lambda name: LayerTarget(config.target_sparsity, nm), refiner=refiner, nm=nm)
     seconds = {"calibration": t1 - t0}
     if allocator is not None:
-        run.observe(allocator.needs, allocator.observe, keep_first=plan.needs)
+        run.observe(allocator.needs, allocator.observe, keep_first=prune_needs)
         per_layer = _layer_targets(allocator.allocate(config.target_sparsity, nm), len(layers),
                                    f"allocation {config.allocation!r}")
         seconds["observe"] = time.perf_counter() - t1

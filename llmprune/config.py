@@ -14,7 +14,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "ria")  # the built-in pruners (the registry is open)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

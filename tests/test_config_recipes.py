@@ -25,8 +25,11 @@ def test_recipe_loads_and_matches_its_name(path):
     assert f"--recipe recipes/{path.name}" in first  # the command runs this very file
 
     cfg = PruneConfig.from_yaml(path)
-    method, _, shape = path.stem.partition("-")  # e.g. wanda-2of4, sparsegpt-50
+    method, _, shape = path.stem.partition("-")  # e.g. wanda-2of4, sparsegpt-50, wanda-70-owl-dsnot
+    shape, *steps = shape.split("-")
     assert cfg.method == method
+    assert cfg.allocation == ("owl" if "owl" in steps else None)
+    assert cfg.refine == ("dsnot" if "dsnot" in steps else None)
     if m := re.fullmatch(r"(\d+)of(\d+)", shape):
         n, mm = int(m.group(1)), int(m.group(2))
         assert cfg.nm == (n, mm)

@@ -85,3 +85,39 @@ def test_checkpoint_records_refine_allocation_and_permutations(calib_ids, tmp_pa
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     for k, v in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[k], v), k
+
+
+def test_dsnot_in_the_engine_never_increases_the_expected_error(calib_ids, monkeypatch):
+    """On a tiny model, every module DSnoT refines ends with an expected reconstruction error
+    ‖(W − Ŵ) E[x]‖² no larger than the pruner's, with the same count in every row."""
+    from llmprune.steps.dsnot import DSnoT
+
+    seen = []
+    refine = DSnoT.refine
+
+    def spy(self, W, result, stats, sparsity, nm=None):
+        out = refine(self, W, result, stats, sparsity, nm)
+        mu = stats.mean  # [in]
+        before = float((((W - result.W) @ mu) ** 2).sum())
+        after = float((((W - out.W) @ mu) ** 2).sum())
+        seen.append((before, after))
+        assert torch.equal(out.M.sum(1), result.M.sum(1))
+        return out
+
+    monkeypatch.setattr(DSnoT, "refine", spy)
+    report = _prune(make_tiny_model("llama"), calib_ids, method="wanda", refine="dsnot", sparsity=0.6,
+                    dsnot_skip="")
+    assert len(seen) == len(report.modules) == 14
+    assert all(after <= before * (1 + 1e-5) + 1e-9 for before, after in seen)
+    assert sum(a for _, a in seen) < sum(b for b, _ in seen)
+
+
+def test_owl_in_the_engine_stays_in_its_band_and_averages_to_the_target(calib_ids):
+    model = make_tiny_model("llama", num_hidden_layers=4)
+    report = _prune(model, calib_ids, method="wanda", allocation="owl", sparsity=0.6, owl_lambda=0.1)
+    targets = [s for s, _ in report.layer_targets]
+    assert all(0.5 - 1e-9 <= s <= 0.7 + 1e-9 for s in targets) and len(set(targets)) > 1
+    sizes = [sum(m.shape[0] * m.shape[1] for m in layer.modules) for layer in report.layers]
+    assert sum(s * n for s, n in zip(targets, sizes)) / sum(sizes) == pytest.approx(0.6, abs=1e-6)
+    for layer, s in zip(report.layers, targets):
+        assert all(m.target_sparsity == pytest.approx(s) for m in layer.modules)
