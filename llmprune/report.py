@@ -50,6 +50,11 @@ class PruneReport:
         return zeros / total if total else 0.0
 
     @property
+    def fallbacks(self) -> dict[str, str]:
+        """Modules not pruned by the run's method, and why (e.g. experts no calibration token reached)."""
+        return {m.name: m.fallback for m in self.modules if m.fallback}
+
+    @property
     def pruned_params(self) -> int:
         return sum(m.shape[0] * m.shape[1] for m in self.modules)
 
@@ -62,6 +67,7 @@ class PruneReport:
             "measured_sparsity": round(self.sparsity, 6),
             "module_sparsity": {m.name: round(m.sparsity, 6) for m in self.modules},
             "module_target_sparsity": {m.name: round(m.target_sparsity, 6) for m in self.modules},
+            **({"fallbacks": self.fallbacks} if self.fallbacks else {}),
             "refine": self.config.get("refine"),
             "allocation": self.config.get("allocation"),
             **({"layer_sparsity": [{"sparsity": round(s, 6), "pattern": p} for s, p in self.layer_targets]}
@@ -99,6 +105,7 @@ class PruneReport:
                 "versions": self.versions,
                 "eval": self.evaluation.metrics if self.evaluation else None,
                 "layer_targets": self.layer_targets,
+                "fallbacks": self.fallbacks,
                 "layers": [
                     {"index": layer.index, "seconds": layer.seconds, "error": layer.error,
                      "modules": [asdict(m) for m in layer.modules]}
@@ -136,4 +143,7 @@ class PruneReport:
             f"{self.calibration.get('seqlen')} tokens, seed {c['seed']}",
             f"time: {secs}",
         ]
+        if self.fallbacks:
+            lines.append(f"warning: {len(self.fallbacks)} module(s) pruned by magnitude (no calibration tokens "
+                         f"reached them): {', '.join(list(self.fallbacks)[:5])}{' ...' if len(self.fallbacks) > 5 else ''}")
         return "\n".join(lines)

@@ -11,7 +11,8 @@
 
 from __future__ import annotations
 
-from .capture import LayerCall, capture_layer_inputs, inference_state, module_device, resolve_device
+from .capture import (LayerCall, UnsupportedModelError, capture_layer_inputs, inference_state, module_device,
+                      resolve_device)
 from .layer import ERROR_SAMPLE_ROWS, LayerReport, LayerWork, ModuleReport
 from .lockstep import CPU_CHUNK_TOKENS, Lockstep, compute_chunk
 from .passes import SequentialRun, plan_batch_size, run_sequential
@@ -21,7 +22,7 @@ from .targets import ExpertGroup, Target, find_decoder_layers, find_targets
 
 __all__ = [
     "CPU_CHUNK_TOKENS", "ERROR_SAMPLE_ROWS", "ExpertGroup", "LayerCall", "LayerReport", "LayerResidency",
-    "LayerWork", "Lockstep", "ModuleReport", "PrunePlan", "SequentialRun", "Target", "capture_layer_inputs",
+    "LayerWork", "Lockstep", "ModuleReport", "PrunePlan", "SequentialRun", "Target", "UnsupportedModelError", "capture_layer_inputs",
     "compute_chunk", "find_decoder_layers", "find_targets", "inference_state", "layer_index", "module_device",
     "pattern_name", "plan_batch_size", "resolve_device", "run_sequential", "sparsity_map",
 ]

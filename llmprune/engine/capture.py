@@ -69,6 +69,10 @@ def resolve_device(device: str) -> torch.device:
 # ---------------------------------------------------------------------------------------------
 # Capture of every decoder layer's real call
 # ---------------------------------------------------------------------------------------------
+class UnsupportedModelError(ValueError):
+    """The model cannot be run layer by layer by the sequential engine; the message says why."""
+
+
 class _StopForward(Exception):
     pass
 
@@ -134,22 +138,25 @@ def capture_layer_inputs(
                 for i, layer in enumerate(originals):
                     layers[i] = layer
             if len(recorded) != len(originals):
-                raise RuntimeError(
-                    f"the model called {len(recorded)} of its {len(originals)} decoder layers during capture; "
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} called {len(recorded)} of its {len(originals)} decoder layers during "
+                    "capture; "
                     "this architecture is not supported by the sequential engine"
                 )
             first_args, first_kwargs = recorded[0]
             in_kwargs = not first_args
             h0 = first_kwargs["hidden_states"] if in_kwargs else first_args[0]
             per_layer = []
-            for args, kwargs in recorded:
+            for i, (args, kwargs) in enumerate(recorded):
                 h = kwargs.get("hidden_states") if in_kwargs else args[0]
-                if h is not h0:
-                    # The model transforms hidden states between layers: replaying layer i's own
-                    # captured inputs would be wrong, so fall back to layer 0's call for all.
-                    log.warning("hidden states change between decoder layers; replaying layer 0's arguments")
-                    per_layer = [per_layer[0]] * len(originals)
-                    break
+                if h is not h0 and not (h.shape == h0.shape and torch.equal(h, h0)):
+                    # the catchers pass the hidden states through untouched: the model changes them
+                    # between its layers, which a layer-by-layer replay cannot reproduce
+                    raise UnsupportedModelError(
+                        f"{type(model).__name__} changes the hidden states between decoder layers {i - 1} and {i} "
+                        "(outside the layers), so pruning it layer by layer would feed each layer the wrong inputs; "
+                        "this architecture is not supported by the sequential engine"
+                    )
                 kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 per_layer.append(LayerCall(tuple(args[1:]) if not in_kwargs else tuple(args), kw, in_kwargs))
             hidden.append(h0)

@@ -30,6 +30,7 @@ class ModuleReport:
     error: float  # relative output error ‖ΔW X‖/‖W X‖ on sample inputs
     tokens: int  # calibration tokens seen
     pattern: str = "unstructured"  # or "N:M" (of consecutive inputs; "N:M permuted": see ``perm``)
+    fallback: str | None = None  # why the module was not pruned by the run's method, if it was not
 
 
 @dataclass

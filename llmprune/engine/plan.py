@@ -56,6 +56,21 @@ def sparsity_map(
     return target_of
 
 
+class NonFiniteError(ValueError):
+    """Statistics or a pruned weight hold inf or NaN; the message names the module and the fix."""
+
+
+def check_finite_stats(name: str, stats: InputStats) -> None:
+    """Overflowed activations (float16 models overflow often) make Σx² or H infinite, and a pruner
+    would then keep or drop whole columns silently: fail naming the module instead."""
+    for what, value in (("Σx²", stats.sq), ("Σx", stats.sum), ("H = Σxxᵀ", stats._H)):
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(
+                f"the input statistics of {name} ({what}) are not finite: its activations overflowed during "
+                "calibration; prune in float32 or bfloat16 (--dtype float32), or leave it dense (--ignore)"
+            )
+
+
 class PrunePlan:
     """Prunes one target at a time: ``plan(target, stats) -> ModuleReport``."""
 
@@ -80,15 +95,25 @@ class PrunePlan:
 
     def __call__(self, t: Target, stats: InputStats | None) -> ModuleReport:
         spec = self.target_of(t.name)
-        pruner, refiner = self.pruner, self.refiner
+        pruner, refiner, fallback = self.pruner, self.refiner, None
+        if (stats is None or stats.n == 0) and self.needs:
+            # e.g. an expert no calibration token was routed to
+            fallback = "magnitude: no calibration tokens reached it"
+            log.warning("%s received no calibration tokens; pruning it by magnitude instead of %s",
+                        t.name, pruner.name)
         if stats is None or stats.n == 0:
-            if self.needs:
-                log.info("%s received no calibration input; pruning it by magnitude", t.name)
             pruner, refiner, stats = Magnitude(), None, InputStats()
+        else:
+            check_finite_stats(t.name, stats)
         W = t.get_weight()  # [out, in] float32
         res = pruner.prune(W, stats, spec.sparsity, spec.nm)
         if refiner is not None and spec.sparsity > 0 and refiner.applies(t.name):
             res = refiner.refine(W, res, stats, spec.sparsity, spec.nm)
+        if not bool(torch.isfinite(res.W).all()):
+            raise NonFiniteError(
+                f"{t.name}: {pruner.name} produced non-finite weights (the weight or its statistics hold inf/NaN); "
+                "check the model's weights, or prune in float32 (--dtype float32)"
+            )
         t.set_weight(res.W)
         pattern = pattern_name(spec.nm)
         perm = getattr(res, "perm", None)
@@ -103,4 +128,5 @@ class PrunePlan:
             error=relative_error(W, res.W, stats.sample),
             tokens=stats.n,
             pattern=pattern,
+            fallback=fallback,
         )

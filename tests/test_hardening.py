@@ -1,0 +1,90 @@
+"""Silent fallbacks made loud (issue 10, item 5): a model that changes its hidden states between
+layers is refused, targets no calibration token reached are warned about and listed, and
+non-finite statistics or weights fail naming the module."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from torch import nn
+
+import llmprune
+from llmprune.engine import PrunePlan, Target, UnsupportedModelError
+from llmprune.engine.plan import NonFiniteError
+from llmprune.pruners import Wanda
+from llmprune.stats import InputStats
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, hidden_states):
+        return hidden_states + self.proj(hidden_states)
+
+
+class _ScalesBetweenLayers(nn.Module):
+    """A toy causal LM that rescales the hidden states between its blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(128, 16)
+        self.layers = nn.ModuleList([_Block() for _ in range(3)])
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h) * 0.5
+        return h
+
+
+def test_hidden_states_changed_between_layers_is_an_error(calib_ids):
+    with pytest.raises(UnsupportedModelError, match="_ScalesBetweenLayers changes the hidden states between "
+                                                    "decoder layers 0 and 1"):
+        llmprune.prune(_ScalesBetweenLayers(), None, calibration=calib_ids, method="wanda", device="cpu",
+                       progress=False, nsamples=6, seqlen=16)
+
+
+def test_targets_without_calibration_tokens_are_warned_about_and_listed(caplog):
+    model = make_tiny_model("mixtral", num_local_experts=16, num_experts_per_tok=1)
+    ids = torch.randint(3, 128, (1, 3), generator=torch.Generator().manual_seed(0))  # 3 tokens, 16 experts
+    with caplog.at_level(logging.WARNING, logger="llmprune"):
+        report = llmprune.prune(model, None, calibration=ids, method="wanda", device="cpu", progress=False,
+                                nsamples=1, seqlen=3)
+    fallbacks = report.fallbacks
+    assert fallbacks and all("experts" in name for name in fallbacks)
+    assert all(v.startswith("magnitude: no calibration tokens") for v in fallbacks.values())
+    assert "received no calibration tokens" in caplog.text
+    assert report.metadata()["fallbacks"] == fallbacks
+    assert "pruned by magnitude" in report.summary()
+    for m in report.modules:  # still pruned, by magnitude
+        assert m.sparsity == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("needs, field", [({"sq"}, "sq"), ({"hessian"}, "_H"), ({"sq", "sum"}, "sum")])
+def test_non_finite_statistics_fail_naming_the_module(needs, field):
+    lin = nn.Linear(8, 4)
+    st = InputStats(needs)
+    st.add(torch.randn(10, 8))
+    getattr(st, field)[..., 0] = float("inf")
+    plan = PrunePlan(Wanda(), lambda name: 0.5)
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.0\.mlp\.up_proj .* not finite.*--dtype float32"):
+        plan(Target("model.layers.0.mlp.up_proj", lin), st)
+    assert torch.isfinite(lin.weight).all()  # nothing written
+
+
+def test_non_finite_weights_fail_naming_the_module():
+    lin = nn.Linear(8, 4)
+    with torch.no_grad():
+        lin.weight[0, 0] = float("nan")
+    st = InputStats({"sq"})
+    st.add(torch.randn(10, 8))
+    with pytest.raises(NonFiniteError, match="model.layers.1.self_attn.q_proj: wanda produced non-finite weights"):
+        PrunePlan(Wanda(), lambda name: 0.5)(Target("model.layers.1.self_attn.q_proj", lin), st)
