@@ -103,7 +103,8 @@ def prune(
     nm = config.nm
     per_module = {rx: _module_target(v) for rx, v in (config.module_sparsity or {}).items()}
     run = SequentialRun(model, ids, device=device, batch_size=config.batch_size, targets=config.targets,
-                        ignore=config.ignore, progress=progress, residency=residency)
+                        ignore=config.ignore, progress=progress, residency=residency,
+                        sequential=config.sequential)
     seconds = {"calibration": t1 - t0}
     if allocator is not None:
         run.observe(allocator.needs, allocator.observe, keep_first=prune_needs)
@@ -121,7 +122,7 @@ def prune(
     return PruneReport(
         config=cfg, model=str(name), calibration=calib, layers=layer_reports, seconds=seconds,
         layer_targets=[(t.sparsity, pattern_name(t.nm)) for t in per_layer] if per_layer is not None else None,
-        permutations=plan.permutations,
+        permutations=plan.permutations, execution=run.execution,
     )
 
 

@@ -267,12 +267,19 @@ class PruneConfig(_Config):
         "λ); with N:M a layer's N moves by at most owl_lambda·M, so it needs at least 1/M to change anything.",
     )
     # Engine
+    sequential: Literal["within-layer", "dense-layer"] = Field(
+        "within-layer",
+        description="Order inside a decoder layer: 'within-layer' prunes each module on the outputs of the "
+        "already-pruned modules before it (true-sequential, measured best); 'dense-layer' gathers every "
+        "module's statistics from the dense layer first (the reference codes' order). The same in any memory.",
+    )
     batch_size: int | None = Field(
         None,
         ge=1,
-        description="Calibration windows per layer forward. None runs the whole calibration batch through "
-        "each layer at once (one pass, true-sequential inside the layer) when it fits in memory, "
-        "else chunks with two passes.",
+        description="Calibration windows per layer forward chunk (default: 2048 tokens per chunk on the CPU, "
+        "32768 on GPUs). Sets the summation order of the statistics, so the masks depend on it only through "
+        "float rounding; whether chunks run in lockstep or are replayed follows free memory and never changes "
+        "the result.",
     )
     # Evaluation after pruning, on the model in memory
     eval: EvalConfig | None = Field(

@@ -36,6 +36,7 @@ class PruneReport:
     evaluation: Any = None  # EvalResults of the pruned model, when evaluated before saving
     layer_targets: list[tuple[float, str]] | None = None  # per layer (sparsity, pattern) when not uniform
     permutations: dict[str, Any] = field(default_factory=dict)  # module -> int32 [in] (RIA N:M), see save
+    execution: str | None = None  # how the engine ran the layers' chunks (lockstep, replay, ...)
 
     @property
     def modules(self):
@@ -48,6 +49,16 @@ class PruneReport:
         total = sum(m.shape[0] * m.shape[1] for m in mods)
         zeros = sum(m.sparsity * m.shape[0] * m.shape[1] for m in mods)
         return zeros / total if total else 0.0
+
+    @property
+    def masks_sha256(self) -> str:
+        """One hash of every pruned module's zero pattern (modules by name): equal hashes, equal masks."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for m in sorted(self.modules, key=lambda m: m.name):
+            h.update(f"{m.name}:{m.mask_sha256}\n".encode())
+        return h.hexdigest()
 
     @property
     def fallbacks(self) -> dict[str, str]:
@@ -67,6 +78,9 @@ class PruneReport:
             "measured_sparsity": round(self.sparsity, 6),
             "module_sparsity": {m.name: round(m.sparsity, 6) for m in self.modules},
             "module_target_sparsity": {m.name: round(m.target_sparsity, 6) for m in self.modules},
+            "sequential": self.config.get("sequential"),
+            "execution": self.execution,
+            "masks_sha256": self.masks_sha256,
             **({"fallbacks": self.fallbacks} if self.fallbacks else {}),
             "refine": self.config.get("refine"),
             "allocation": self.config.get("allocation"),
@@ -105,6 +119,8 @@ class PruneReport:
                 "versions": self.versions,
                 "eval": self.evaluation.metrics if self.evaluation else None,
                 "layer_targets": self.layer_targets,
+                "execution": self.execution,
+                "masks_sha256": self.masks_sha256,
                 "fallbacks": self.fallbacks,
                 "layers": [
                     {"index": layer.index, "seconds": layer.seconds, "error": layer.error,

@@ -68,13 +68,23 @@ def chunks_of_two(monkeypatch, calib_ids):
     monkeypatch.setattr(engine.lockstep, "CPU_CHUNK_TOKENS", 2 * calib_ids.shape[1])
 
 
-@pytest.mark.parametrize("batch_size", [None, "lockstep", 4], ids=["one-pass", "one-pass-lockstep", "two-pass"])
+@pytest.fixture
+def tight_memory(monkeypatch):
+    """Free memory too small for every chunk's activations at once: within-layer order is replayed."""
+    monkeypatch.setattr(engine.passes, "plan_batch_size", lambda n, *a, **k: 1)
+
+
+@pytest.mark.parametrize("mode", ["one-forward", "lockstep", "replay", "two-pass"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_replay_at_sparsity_zero_equals_forward(arch, batch_size, calib_ids, request):
-    chunk = calib_ids.shape[0]
-    if batch_size == "lockstep":
+def test_replay_at_sparsity_zero_equals_forward(arch, mode, calib_ids, request):
+    chunk, batch_size, sequential = calib_ids.shape[0], None, "within-layer"
+    if mode in ("lockstep", "replay"):
         request.getfixturevalue("chunks_of_two")
-        batch_size, chunk = None, 2
+        chunk = 2
+    if mode == "replay":
+        request.getfixturevalue("tight_memory")
+    if mode == "two-pass":
+        batch_size, sequential = 4, "dense-layer"
     model = make_tiny_model(arch)
     with torch.no_grad():
         ref_logits = model(calib_ids).logits  # [n, L, V]
@@ -87,11 +97,13 @@ def test_replay_at_sparsity_zero_equals_forward(arch, batch_size, calib_ids, req
         layer.register_forward_hook(lambda m, a, o, i=i: outs[i].append(o[0] if isinstance(o, tuple) else o))
         for i, layer in enumerate(layers)
     ]
-    run_sequential(model, calib_ids, get_pruner("wanda"), lambda name: 0.0, batch_size=batch_size, progress=False)
+    run_sequential(model, calib_ids, get_pruner("wanda"), lambda name: 0.0, batch_size=batch_size, progress=False,
+                   sequential=sequential)
     for h in hooks:
         h.remove()
     n_chunks = -(-calib_ids.shape[0] // (chunk if batch_size is None else batch_size))
-    expected_calls = n_chunks if batch_size is None else 2 * n_chunks  # two-pass: statistics, then outputs
+    # two-pass: statistics, then outputs; a replayed chunk's stopped forwards never return
+    expected_calls = 2 * n_chunks if mode == "two-pass" else n_chunks
     assert all(len(v) == expected_calls for v in outs.values())
     replayed = {i: torch.cat(v[-n_chunks:]) for i, v in outs.items()}  # [n, L, H]
 
@@ -123,9 +135,9 @@ def test_replay_at_sparsity_zero_equals_forward(arch, batch_size, calib_ids, req
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("batch_size", [None, 4], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("sequential", ["within-layer", "dense-layer"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_wanda_half_prunes_every_target_and_nothing_else(arch, batch_size, calib_ids, caplog):
+def test_wanda_half_prunes_every_target_and_nothing_else(arch, sequential, calib_ids, caplog):
     model = make_tiny_model(arch)
     model.train()  # the engine must put it back as it found it
     model.config.use_cache = True
@@ -133,8 +145,9 @@ def test_wanda_half_prunes_every_target_and_nothing_else(arch, batch_size, calib
     ref = copy.deepcopy(model)
 
     with caplog.at_level(logging.INFO, logger="llmprune.engine"):
-        report = _prune(model, calib_ids, batch_size=batch_size)
-    assert ("one pass per layer" if batch_size is None else "two passes per layer") in caplog.text
+        report = _prune(model, calib_ids, sequential=sequential, batch_size=None if sequential == "within-layer" else 4)
+    assert ("within-layer order, one forward per layer" if sequential == "within-layer"
+            else "dense-layer order, two passes per layer") in caplog.text
 
     assert model.training and model.config.use_cache is True
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
@@ -260,7 +273,7 @@ def test_one_pass_is_true_sequential(calib_ids):
     ones: q_proj (same inputs either way) comes out the same, o_proj differently."""
     one, two = make_tiny_model("llama"), make_tiny_model("llama")
     _prune(one, calib_ids, method="sparsegpt", batch_size=None)
-    _prune(two, calib_ids, method="sparsegpt", batch_size=3)
+    _prune(two, calib_ids, method="sparsegpt", batch_size=3, sequential="dense-layer")
     a1, a2 = one.model.layers[0].self_attn, two.model.layers[0].self_attn
     for name in ("q_proj", "k_proj", "v_proj"):
         w1, w2 = getattr(a1, name).weight, getattr(a2, name).weight
@@ -294,6 +307,43 @@ def test_lockstep_chunks_prune_like_the_whole_batch(arch, method, calib_ids, mon
     for name in a:
         assert torch.equal(a[name] == 0, b[name] == 0), name
         torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4")])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral", "gemma2"])
+def test_replayed_chunks_prune_exactly_like_lockstep(arch, method, pattern, calib_ids, chunks_of_two,
+                                                     monkeypatch, caplog):
+    """Whether the chunks of the within-layer order run in lockstep or are replayed depends on free
+    memory; the masks and weights must not: the same statistics in the same summation order."""
+    lock, replay = make_tiny_model(arch), make_tiny_model(arch)
+    ra = _prune(lock, calib_ids, method=method, pattern=pattern)
+    monkeypatch.setattr(engine.passes, "plan_batch_size", lambda n, *a, **k: 1)
+    with caplog.at_level(logging.INFO, logger="llmprune.engine"):
+        rb = _prune(replay, calib_ids, method=method, pattern=pattern)
+    assert (ra.execution, rb.execution) == ("lockstep", "replay") and "within-layer order, replay" in caplog.text
+    for k, v in lock.state_dict().items():
+        assert torch.equal(replay.state_dict()[k], v), k
+    assert ra.masks_sha256 == rb.masks_sha256
+    meta = rb.metadata()
+    assert (meta["sequential"], meta["execution"], meta["masks_sha256"]) == ("within-layer", "replay", rb.masks_sha256)
+
+
+def test_masks_hash_tells_masks_apart(calib_ids):
+    a, b = (_prune(make_tiny_model("llama"), calib_ids, sparsity=s) for s in (0.5, 0.6))
+    assert a.masks_sha256 != b.masks_sha256 and len(a.masks_sha256) == 64
+    assert a.masks_sha256 == _prune(make_tiny_model("llama"), calib_ids, sparsity=0.5).masks_sha256
+
+
+def test_hidden_states_spill_to_a_file_when_memory_is_short(calib_ids, monkeypatch, caplog):
+    ref = make_tiny_model("llama")
+    _prune(ref, calib_ids)
+    model = make_tiny_model("llama")
+    monkeypatch.setattr(engine.passes, "SPILL_FRACTION", 0.0)
+    with caplog.at_level(logging.INFO, logger="llmprune.engine"):
+        _prune(model, calib_ids)
+    assert "spilled to a file" in caplog.text
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
 
 
 def test_sparsegpt_beats_magnitude_on_the_model(calib_ids):

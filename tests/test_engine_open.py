@@ -213,7 +213,7 @@ def test_observe_then_prune_equals_prune_and_reuses_layer_zero(method, mode, cal
     layer's reused statistics are the ones the prune pass would have gathered."""
     if mode == "lockstep":
         monkeypatch.setattr(engine.lockstep, "CPU_CHUNK_TOKENS", 2 * calib_ids.shape[1])
-    kw = {"batch_size": 4} if mode == "two-pass" else {}
+    kw = {"batch_size": 4, "sequential": "dense-layer"} if mode == "two-pass" else {}
     plain = make_tiny_model("llama")
     _prune(plain, calib_ids, method=method, sparsity=0.5, **kw)
 

@@ -31,6 +31,7 @@ class ModuleReport:
     tokens: int  # calibration tokens seen
     pattern: str = "unstructured"  # or "N:M" (of consecutive inputs; "N:M permuted": see ``perm``)
     fallback: str | None = None  # why the module was not pruned by the run's method, if it was not
+    mask_sha256: str = ""  # of the packed zero pattern of the stored weight ([out, in] row-major)
 
 
 @dataclass
@@ -45,6 +46,10 @@ class LayerReport:
         return sum(errs) / len(errs) if errs else float("nan")
 
 
+class StopLayer(Exception):
+    """Ends a replayed chunk's layer forward at the first target that is not pruned yet."""
+
+
 class LayerWork:
     """Hooks on one decoder layer's targets: gather the declared input statistics, prune on demand.
 
@@ -52,6 +57,12 @@ class LayerWork:
     (the statistics stay in :attr:`stats`). ``reuse`` holds statistics of the dense layer from
     an observe-only pass; a target takes them instead of recomputing them while no target of
     this layer has been pruned yet (its input is then still the dense one).
+
+    Within-layer order over chunks runs either in lockstep (:attr:`lockstep`: every chunk's
+    activations stay alive at each park point) or replayed (:attr:`replay`: each chunk's forward
+    stops at the first target not pruned yet, after adding its input; once every chunk stopped
+    there it is pruned and the chunks run again from the layer's input). Both add the same inputs
+    to the same statistics in the same order: the same masks, the replay in the memory of one chunk.
     """
 
     def __init__(self, targets: list[Target], groups: list[ExpertGroup], needs: frozenset[str],
@@ -69,6 +80,8 @@ class LayerWork:
         self.handles = []
         self.lockstep: Lockstep | None = None  # set while chunks run in lockstep
         self.expert_inputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # parked chunks' routing
+        self.replay = False  # set while chunks are replayed up to the next target
+        self.stop_key: Target | ExpertGroup | None = None  # where the replayed chunks of this pass stopped
 
     @property
     def all_targets(self) -> list[Target]:
@@ -92,7 +105,9 @@ class LayerWork:
     def _observe(self, t: Target, X: torch.Tensor) -> None:
         """Add input ``X`` of target ``t`` to its statistics, sharing them with earlier targets
         that received the very same tensor in this forward (q/k/v, gate/up)."""
-        if t.name in self.reports:  # already pruned (a module applied twice)
+        if t.name in self.reports:  # already pruned (a module applied twice, or an earlier replay)
+            if self.replay and t.name in self.stats:  # later targets fed the same tensor share its statistics
+                self.seen[id(X)] = (weakref.ref(X), self.stats[t.name])
             return
         entry = self.seen.get(id(X))
         own = self.stats.get(t.name)
@@ -106,11 +121,25 @@ class LayerWork:
                 own = self.stats[t.name] = InputStats(self.needs)
             own.add(X, keep_sample=ERROR_SAMPLE_ROWS)
             self.seen[id(X)] = (weakref.ref(X), own)
+        if self.replay:
+            self._stop(t)
         if self.prune_in_hook:
             if self._parks():
                 self.lockstep.park(t)  # returns once every chunk has added its input and t is pruned
             else:
                 self.prune(t)
+
+    def _stop(self, key: Target | ExpertGroup) -> None:
+        """A replayed chunk reached ``key``, the first target it meets that is not pruned yet."""
+        if self.stop_key is None:
+            self.stop_key = key
+        elif self.stop_key is not key:
+            raise RuntimeError(
+                "calibration chunks reach this layer's targets in different orders (routed experts that are "
+                "separate modules), which the chunked within-layer order cannot follow; use --sequential "
+                "dense-layer, or a batch that fits in memory (--batch-size)"
+            )
+        raise StopLayer
 
     def _parks(self) -> bool:
         """Whether the current forward is a lockstep chunk, which parks instead of pruning."""
@@ -127,7 +156,11 @@ class LayerWork:
             names = ("hidden_states", "top_k_index", "top_k_weights")
             bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
             hidden, top_k_index = bound["hidden_states"], bound["top_k_index"]  # [T, H], [T, k]
-            if self.prune_in_hook and self._parks():
+            pending = any(t.name not in self.reports for t in g.targets)
+            if self.replay and pending:  # routed together with the other chunks' tokens (release)
+                self.expert_inputs.setdefault(id(g), []).append((hidden, top_k_index))
+                self._stop(g)
+            elif self.prune_in_hook and self._parks():
                 # every chunk's tokens are routed together once all chunks are here (release)
                 self.expert_inputs.setdefault(id(g), []).append((hidden, top_k_index))
                 self.lockstep.park(g)
@@ -148,7 +181,11 @@ class LayerWork:
         """Prune what the chunks parked at (called outside the chunks, once all have arrived)."""
         if isinstance(key, ExpertGroup):
             parts = self.expert_inputs.pop(id(key))
-            self._observe_experts(key, torch.cat([h for h, _ in parts]), torch.cat([k for _, k in parts]))
+            replay, self.replay = self.replay, False  # observe and prune the experts here, not stop
+            try:
+                self._observe_experts(key, torch.cat([h for h, _ in parts]), torch.cat([k for _, k in parts]))
+            finally:
+                self.replay = replay
         else:
             self.prune(key)
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .targets import ExpertGroup, Target
 
 CPU_CHUNK_TOKENS = 2048  # tokens per forward chunk on the CPU: a chunk's activations stay in cache
+GPU_CHUNK_TOKENS = 32768  # tokens per forward chunk on GPUs
 
 
 class Lockstep:
@@ -77,9 +78,11 @@ class Lockstep:
             self.chunks, self.parked, self.main = set(), {}, None
 
 
-def compute_chunk(seqlen: int, batch_size: int, device: torch.device) -> int:
-    """Samples per layer forward: small chunks on the CPU (cache), the memory-planned batch on GPUs."""
-    if device.type != "cpu":
-        return batch_size
-    return max(1, min(batch_size, CPU_CHUNK_TOKENS // max(seqlen, 1)))
-
+def compute_chunk(seqlen: int, batch_size: int | None, device: torch.device) -> int:
+    """Samples per layer forward: ``batch_size`` when given, else a fixed number of tokens per chunk
+    (small on the CPU, where a chunk's activations then stay in cache). Never from free memory:
+    the chunking sets the summation order of the statistics, so the masks do not vary by machine."""
+    if batch_size is not None:
+        return max(1, batch_size)
+    tokens = CPU_CHUNK_TOKENS if device.type == "cpu" else GPU_CHUNK_TOKENS
+    return max(1, tokens // max(seqlen, 1))

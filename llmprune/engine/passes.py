@@ -4,14 +4,19 @@ A :class:`SequentialRun` holds what both share (the layers, the calibration chun
 the target filters). Each pass captures every layer's real call (:mod:`.capture`), then goes
 layer by layer on the compute device; a layer's outputs feed the next layer.
 
-- :meth:`SequentialRun.prune`, per decoder layer:
-  - one pass (the whole calibration batch fits): a forward pre-hook on each target gathers the
-    statistics of its input and prunes it just before it is applied, so later modules of the
-    layer see the outputs of already-pruned ones (true-sequential order inside the layer) and
-    the layer's pruned outputs come out of the same forward. On the CPU the batch runs as small
-    chunks in lockstep (:mod:`.lockstep`);
-  - two passes (chunks): statistics of every target are gathered over all chunks with the
-    dense layer, every target is pruned, and a second pass computes the pruned outputs.
+- :meth:`SequentialRun.prune`, per decoder layer, in the order the config names (``sequential``):
+  - ``within-layer`` (true-sequential, the default): a forward pre-hook on each target gathers the
+    statistics of its input over every calibration chunk and prunes it before the chunks go on, so
+    later modules of the layer see the outputs of already-pruned ones. Executed in lockstep
+    (:mod:`.lockstep`: every chunk's activations alive at once) when they fit in memory, else
+    replayed (each chunk's forward stops at the next target not pruned yet and starts again from
+    the layer's input once it is pruned: the memory of one chunk, more compute). Both give the same
+    masks: the choice of execution depends on free memory, the result does not;
+  - ``dense-layer``: statistics of every target are gathered over all chunks with the dense layer,
+    every target is pruned, and a second pass computes the pruned outputs.
+  Chunks have a fixed size (2,048 tokens on the CPU, 32,768 on GPUs, or ``batch_size`` windows), so
+  the summation order, and with it every mask, is the same on any machine. The hidden states
+  between layers are spilled to a file when they would take more than a quarter of free memory.
 - :meth:`SequentialRun.observe`: the dense model, one forward per chunk and layer, each layer's
   statistics handed to a reducer (an allocator such as OWL); no weight changes. The first
   layer's statistics are kept for the prune pass that follows, where they are still valid.
@@ -30,13 +35,16 @@ from torch import nn
 from ..stats import InputStats
 from ..steps import ObservedModule
 from .capture import capture_layer_inputs, inference_state, module_device, resolve_device
-from .layer import LayerReport, LayerWork
+from .layer import LayerReport, LayerWork, StopLayer
 from .lockstep import Lockstep, compute_chunk
 from .plan import PrunePlan
 from .residency import LayerResidency
 from .targets import find_decoder_layers, find_targets
 
 log = logging.getLogger(__name__)
+
+SEQUENTIAL = ("within-layer", "dense-layer")
+SPILL_FRACTION = 0.25  # hidden states larger than this share of free memory go to a file
 
 
 def plan_batch_size(nsamples: int, seqlen: int, layer: nn.Module, dtype: torch.dtype,
@@ -45,15 +53,17 @@ def plan_batch_size(nsamples: int, seqlen: int, layer: nn.Module, dtype: torch.d
     widths = [max(m.in_features, m.out_features) for m in layer.modules() if isinstance(m, nn.Linear)]
     width = max(widths, default=4096)
     bytes_per_token = (4 * width + 8 * 1024) * max(torch.finfo(dtype).bits // 8, 4)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-    budget = 0.4 * free
+    budget = 0.4 * free_memory(device)
     per_sample = bytes_per_token * seqlen
     return int(max(1, min(nsamples, budget // per_sample)))
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def _store_output(hidden: list[torch.Tensor], c: int, out: torch.Tensor) -> None:
@@ -79,7 +89,10 @@ class SequentialRun:
         ignore: str | None = None,
         progress: bool = True,
         residency: LayerResidency | None = None,
+        sequential: str = "within-layer",
     ):
+        if sequential not in SEQUENTIAL:
+            raise ValueError(f"sequential {sequential!r} is not known; choose one of: {', '.join(SEQUENTIAL)}")
         self.model = model
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.layers_name, self.layers = find_decoder_layers(model)
@@ -87,18 +100,22 @@ class SequentialRun:
         self.progress = progress
         self.residency = residency
         n, L = input_ids.shape
-        if batch_size is None:
-            batch_size = plan_batch_size(n, L, self.layers[0], next(model.parameters()).dtype, self.device)
-        self.batch_size = min(batch_size, n)
-        self.one_pass = self.batch_size >= n
-        self.chunks = list(input_ids.split(compute_chunk(L, self.batch_size, self.device)))
+        self.sequential = sequential
+        self.chunks = list(input_ids.split(compute_chunk(L, batch_size, self.device)))
+        fits = plan_batch_size(n, L, self.layers[0], next(model.parameters()).dtype, self.device) >= n
+        if sequential == "dense-layer":
+            self.execution = "two passes per layer"
+        elif len(self.chunks) == 1:
+            self.execution = "one forward per layer"
+        else:
+            self.execution = "lockstep" if fits else "replay"
         self._reuse: dict[str, InputStats] = {}  # the first layer's dense statistics, from observe()
         log.info(
-            "%d decoder layers at %s; calibration %d x %d in %d chunk(s): %s",
-            len(self.layers), self.layers_name, n, L, len(self.chunks),
-            "one pass per layer (true-sequential)" if self.one_pass else "two passes per layer",
+            "%d decoder layers at %s; calibration %d x %d in %d chunk(s): %s order, %s",
+            len(self.layers), self.layers_name, n, L, len(self.chunks), sequential, self.execution,
         )
-        if not any(any(find_targets(layer, "", targets, ignore)) for layer in self.layers):
+        found = [find_targets(layer, "", targets, ignore) for layer in self.layers]
+        if not any(f.targets or f.groups for f in found):
             raise ValueError(
                 f"no module matched targets={targets!r} ignore={ignore!r} inside the decoder layers; "
                 "names are relative to a layer, e.g. 'self_attn\\.q_proj' or 'mlp\\.'"
@@ -109,13 +126,37 @@ class SequentialRun:
         if all(h.shape[1:] == hidden[0].shape[1:] for h in hidden):
             # one buffer for the hidden states of every chunk, which each layer's outputs overwrite
             # in place: no long-lived blocks scattered through the heap between layers
-            hidden = list(torch.cat(hidden).split([h.shape[0] for h in hidden]))
+            shape = (sum(h.shape[0] for h in hidden), *hidden[0].shape[1:])
+            nbytes = hidden[0].element_size() * shape[0] * hidden[0][0].numel()
+            if self.device.type == "cpu" and nbytes > SPILL_FRACTION * free_memory(self.device):
+                buffer = self._spill(shape, hidden[0].dtype)
+                torch.cat(hidden, out=buffer)
+            else:
+                buffer = torch.cat(hidden)
+            hidden = list(buffer.split([h.shape[0] for h in hidden]))
         if self.residency is not None:
             self.residency.set_aside(self.model, self.layers)
         return hidden, calls
 
+    def _spill(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A file-backed buffer for the hidden states (deleted at once: the mapping keeps it alive)."""
+        import math
+        import os
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="llmprune-hidden-", suffix=".bin")
+        os.close(fd)
+        try:
+            t = torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+        finally:
+            os.unlink(path)
+        log.info("hidden states (%s, %.1f GB) spilled to a file: they exceed %d %% of free memory",
+                 "x".join(map(str, shape)), t.numel() * t.element_size() / 1e9, int(100 * SPILL_FRACTION))
+        return t
+
     def _targets(self, i: int, layer: nn.Module):
-        return find_targets(layer, f"{self.layers_name}.{i}", self.targets, self.ignore)
+        found = find_targets(layer, f"{self.layers_name}.{i}", self.targets, self.ignore)
+        return found.targets, found.groups
 
     def _bar(self, desc: str):
         from tqdm.auto import tqdm
@@ -167,14 +208,15 @@ class SequentialRun:
                 layer.to(device)
                 tgts, groups = self._targets(i, layer)
                 reuse = self._reuse if i == 0 else None
-                with LayerWork(tgts, groups, plan.needs, plan, prune_in_hook=self.one_pass, reuse=reuse) as lw:
-                    if not self.one_pass:  # pass 1: statistics over every chunk with the dense layer
+                within = self.sequential == "within-layer"
+                with LayerWork(tgts, groups, plan.needs, plan, prune_in_hook=within, reuse=reuse) as lw:
+                    if not within:  # pass 1: statistics over every chunk with the dense layer
                         for c in range(len(chunks)):
                             lw.new_forward()
                             calls[c][i](layer, hidden[c])
                         lw.new_forward()
                         lw.prune_remaining()
-                    if self.one_pass and len(chunks) > 1:  # prune in the hooks, chunks in lockstep
+                    if self.execution == "lockstep":  # prune in the hooks, chunks in lockstep
                         lw.new_forward()
                         lw.lockstep = Lockstep(layer)
                         lw.lockstep.run(
@@ -182,8 +224,11 @@ class SequentialRun:
                             lw.release, functools.partial(_store_output, hidden),
                         )
                         lw.lockstep = None
+                    elif self.execution == "replay":
+                        self._replay(lw, layer, [functools.partial(calls[c][i], layer) for c in range(len(chunks))],
+                                     hidden)
                     else:
-                        for c in range(len(chunks)):  # (one pass: prune in the hooks) pruned outputs
+                        for c in range(len(chunks)):  # (one forward: prune in the hooks) pruned outputs
                             lw.new_forward()
                             _store_output(hidden, c, calls[c][i](layer, hidden[c]))
                     lw.prune_remaining()
@@ -200,6 +245,33 @@ class SequentialRun:
         return reports
 
 
+    @staticmethod
+    def _replay(lw: LayerWork, layer: nn.Module, forwards: list[Callable], hidden: list[torch.Tensor]) -> None:
+        """Within-layer order in the memory of one chunk: every chunk's forward runs from the layer's
+        input to the first target not pruned yet (adding its input there) and stops; once all have,
+        that target is pruned and the chunks start again. A chunk whose forward completes meets
+        only pruned targets, so its output is final."""
+        pending = list(range(len(forwards)))
+        lw.replay = True
+        try:
+            while pending:
+                lw.stop_key = None
+                finished = []
+                for c in pending:
+                    lw.new_forward()
+                    try:
+                        out = forwards[c](hidden[c])
+                    except StopLayer:
+                        continue
+                    _store_output(hidden, c, out)
+                    finished.append(c)
+                pending = [c for c in pending if c not in finished]
+                if lw.stop_key is not None:
+                    lw.release(lw.stop_key)
+        finally:
+            lw.replay, lw.stop_key = False, None
+
+
 def run_sequential(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -213,6 +285,7 @@ def run_sequential(
     progress: bool = True,
     residency: LayerResidency | None = None,
     refiner=None,
+    sequential: str = "within-layer",
 ) -> list[LayerReport]:
     """Prune ``model`` in place, decoder layer by decoder layer, on calibration ``input_ids [n, L]``.
 
@@ -221,5 +294,5 @@ def run_sequential(
     is pruned and move it out after (see :mod:`llmprune.offload`).
     """
     run = SequentialRun(model, input_ids, device=device, batch_size=batch_size, targets=targets,
-                        ignore=ignore, progress=progress, residency=residency)
+                        ignore=ignore, progress=progress, residency=residency, sequential=sequential)
     return run.prune(PrunePlan(pruner, sparsity_of, refiner=refiner, nm=nm))

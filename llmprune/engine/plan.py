@@ -56,6 +56,18 @@ def sparsity_map(
     return target_of
 
 
+def mask_hash(t: Target) -> str:
+    """sha256 of the target's zero pattern as ``[out, in]`` row-major bits."""
+    import hashlib
+
+    import numpy as np
+
+    W = t.stored()
+    W = W.T if t.transposed else W  # [out, in]
+    bits = np.packbits((W != 0).cpu().numpy().reshape(-1))
+    return hashlib.sha256(bits.tobytes()).hexdigest()
+
+
 class NonFiniteError(ValueError):
     """Statistics or a pruned weight hold inf or NaN; the message names the module and the fix."""
 
@@ -129,4 +141,5 @@ class PrunePlan:
             tokens=stats.n,
             pattern=pattern,
             fallback=fallback,
+            mask_sha256=mask_hash(t),
         )
