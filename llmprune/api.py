@@ -24,8 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def calibration_tokens(config: PruneConfig, model, tokenizer, calibration: Any = None) -> tuple[torch.Tensor, dict]:
-    """``(input_ids [nsamples, seqlen], description)`` from ``calibration`` or ``config.calib``."""
-    from .data import describe_source, get_calibration
+    """``(input_ids [nsamples, seqlen], description)`` from ``calibration`` or ``config.calib``.
+
+    The description names the source and fingerprints what was read (``data_sha256``: the local file's
+    bytes, None for the Hub and pre-tokenized sources; ``windows_sha256``: the windows drawn), never a path.
+    """
+    import hashlib
+
+    from .data import describe_source, get_calibration, source_fingerprint
 
     source = config.calib if calibration is None else calibration
     seqlen = effective_seqlen(model, config.seqlen)
@@ -33,8 +39,10 @@ def calibration_tokens(config: PruneConfig, model, tokenizer, calibration: Any =
         source, tokenizer, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed,
         data_dir=config.data_dir, text_field=config.text_field, model=model,
     )
-    desc = {"source": describe_source(source, config.data_dir), "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
-            "seed": config.seed}
+    desc = {"source": describe_source(source, config.data_dir),
+            "data_sha256": source_fingerprint(source, config.data_dir),
+            "windows_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
+            "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": config.seed}
     return ids, desc
 
 
@@ -122,7 +130,8 @@ def prune(
     return PruneReport(
         config=cfg, model=str(name), calibration=calib, layers=layer_reports, seconds=seconds,
         layer_targets=[(t.sparsity, pattern_name(t.nm)) for t in per_layer] if per_layer is not None else None,
-        permutations=plan.permutations, execution=run.execution,
+        permutations=plan.permutations, execution=run.execution, skipped=dict(run.skipped),
+        nm_search=plan.nm_search,
     )
 
 

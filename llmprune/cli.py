@@ -52,6 +52,9 @@ def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
         return str, list(typing.get_args(annotation))
     if typing.get_origin(annotation) is list:
         return str, None  # comma-separated
+    literals = [a for a in args if typing.get_origin(a) is typing.Literal]
+    if bool in args and literals:  # e.g. bool | Literal["auto"]: --nm-exact true|false|auto
+        return str, ["true", "false", *[str(v) for lit in literals for v in typing.get_args(lit)]]
     if args:  # Optional[X] / Union
         inner = args[0]
         if typing.get_origin(inner) in (list, dict):

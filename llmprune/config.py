@@ -215,10 +215,12 @@ class PruneConfig(_Config):
         description="SparseGPT: visit input columns (whole N:M groups) by decreasing Hessian diagonal, as GPTQ's "
         "act-order. None: on for N:M patterns, off for unstructured (whose blocks each get the same sparsity).",
     )
-    nm_exact: bool = Field(
-        True,
-        description="SparseGPT N:M: prune the set of a group's weights with the least exact OBS loss (every "
-        "C(M, M-N) set scored); false: the reference's one-by-one saliency w^2 / [H^-1]_jj^2.",
+    nm_exact: bool | Literal["auto"] = Field(
+        "auto",
+        description="SparseGPT N:M: which M-N weights of each group to prune. true: the set with the least exact "
+        "OBS loss, every C(M, M-N) set scored (refused above 100,000 sets); auto: exact up to 70 sets (every "
+        "M <= 8), beyond that greedy on the same loss, one weight at a time; false: the reference's one-by-one "
+        "saliency w^2 / [H^-1]_jj^2.",
     )
     # RIA (method: ria)
     ria_alpha: float = Field(
@@ -411,6 +413,12 @@ class PruneConfig(_Config):
     def _check_options(self) -> PruneConfig:
         if self.allocation is not None and self.layer_sparsity is not None:
             raise ValueError("layer_sparsity and allocation both set the per-layer sparsity; give one of them")
+        if self.method == "sparsegpt" and self.nm_exact is True:  # an exact search too large: say so now
+            from .pruners.sparsegpt import SparseGPT
+
+            patterns = [self.pattern, *[v for v in (self.module_sparsity or {}).values() if isinstance(v, str)]]
+            for p in patterns:
+                SparseGPT(nm_exact=True).nm_choice(parse_pattern(p))
         selected = self.selected_methods()
         for name in self.model_fields_set:
             owners = option_owners().get(name)

@@ -35,6 +35,7 @@ Deviations from the reference code, all deliberate:
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import os
@@ -49,7 +50,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CalibrationError", "describe_source", "get_calibration", "resolve_data_dir"]
+__all__ = [
+    "CalibrationError", "describe_source", "file_sha256", "get_calibration", "portable_settings",
+    "portable_source", "resolve_data_dir", "source_fingerprint",
+]
 
 DATA_DIR_ENV = "LLMPRUNE_DATA_DIR"
 NAMED_SOURCES = ("c4", "wikitext2", "self")
@@ -104,8 +108,11 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
 def describe_source(source: Any, data_dir: str | os.PathLike | None = None) -> str:
     """A short JSON-friendly description of a calibration source, for run metadata.
 
-    E.g. ``"c4 (local: /data/c4/c4_validation_2k.jsonl)"``, ``"wikitext2 (hub: Salesforce/wikitext
-    wikitext-2-raw-v1 train)"``, ``"file: /abs/calib.jsonl"``, ``"tensor[32x512]"``.
+    A source is named, never located: a local file by its base name and the sha256 of its bytes
+    (:func:`source_fingerprint`), so that the metadata of a checkpoint holds no path of the machine
+    that pruned it. E.g. ``"c4 (local copy c4_validation_2k.jsonl, sha256 1a2b3c4d5e6f7a8b)"``,
+    ``"wikitext2 (hub: Salesforce/wikitext wikitext-2-raw-v1 train)"``, ``"file calib.jsonl (sha256 ...)"``,
+    ``"hf: name:config:split"``, ``"tensor[32x512]"``.
     """
     if isinstance(source, torch.Tensor):
         return "tensor[" + "x".join(str(s) for s in source.shape) + "]"
@@ -113,25 +120,19 @@ def describe_source(source: Any, data_dir: str | os.PathLike | None = None) -> s
         source = os.fspath(source)
     if isinstance(source, str):
         key = source.strip().lower()
-        try:
-            d = resolve_data_dir(data_dir)
-        except CalibrationError:
-            d = None
+        local = _source_file(source, data_dir)
         if key == "c4":
-            local = _local_file(d, (C4_LOCAL,))
-            return f"c4 (local: {local})" if local else "c4 (hub: allenai/c4 en/c4-train.00000-of-01024.json.gz)"
+            return (f"c4 (local copy {local.name}, sha256 {file_sha256(local)})" if local
+                    else "c4 (hub: allenai/c4 en/c4-train.00000-of-01024.json.gz)")
         if key == "wikitext2":
-            local = _local_file(d, WIKITEXT2_LOCAL_TRAIN + WIKITEXT2_LOCAL_VALID)
-            return (
-                f"wikitext2 (local: {local})"
-                if local
-                else "wikitext2 (hub: Salesforce/wikitext wikitext-2-raw-v1 train)"
-            )
+            return (f"wikitext2 (local copy {local.name}, sha256 {file_sha256(local)})" if local
+                    else "wikitext2 (hub: Salesforce/wikitext wikitext-2-raw-v1 train)")
         if key == "self":
             return "self (sampled from the model)"
-        path = Path(source).expanduser()
-        if path.is_file() or _looks_like_path(source):
-            return f"file: {path.resolve()}"
+        if local is not None:
+            return f"file {local.name} (sha256 {file_sha256(local)})"
+        if _looks_like_path(source):
+            return f"file {Path(source).name}"
         return f"hf: {source}"
     if isinstance(source, (list, tuple)):
         if source and all(_is_int(t) for t in source):
@@ -140,6 +141,66 @@ def describe_source(source: Any, data_dir: str | os.PathLike | None = None) -> s
     if isinstance(source, torch.utils.data.DataLoader):
         return f"DataLoader({type(source.dataset).__name__})"
     return f"iterable ({type(source).__name__})"
+
+
+def source_fingerprint(source: Any, data_dir: str | os.PathLike | None = None) -> str | None:
+    """The sha256 prefix of the local file a calibration source reads (the data dir's copy of ``c4`` or
+    ``wikitext2``, or the file given); None for the Hub, ``self`` and pre-tokenized sources."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str):
+        return None
+    local = _source_file(source, data_dir)
+    return file_sha256(local) if local is not None else None
+
+
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike, chars: int = 16) -> str:
+    """The first ``chars`` hex digits of the sha256 of a file's bytes (cached per path, size and mtime)."""
+    path = Path(path).expanduser().resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA256_CACHE[key] = h.hexdigest()
+    return _SHA256_CACHE[key][:chars]
+
+
+LOCAL_DIR_RECORDED = "(local folder, path not recorded)"
+
+
+def portable_source(value: str | None) -> str | None:
+    """A calibration or evaluation source as metadata records it: a name or HF id as given, a local
+    file by its base name."""
+    if value is None:
+        return None
+    if value.strip().lower() in NAMED_SOURCES:
+        return value
+    path = Path(value).expanduser()
+    return path.name if path.exists() or _looks_like_path(value) else value
+
+
+def portable_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Prune or evaluation settings as metadata records them, with no path of this machine: the data dir
+    only as set or not (the sources say which local copy was read, by name and sha256), calibration and
+    perplexity files and task folders by base name. Other fields are kept as they are."""
+    out = dict(settings)
+    if out.get("data_dir"):
+        out["data_dir"] = LOCAL_DIR_RECORDED
+    if isinstance(out.get("calib"), str):
+        out["calib"] = portable_source(out["calib"])
+    if isinstance(out.get("ppl"), list):
+        out["ppl"] = [portable_source(p) if isinstance(p, str) else p for p in out["ppl"]]
+    if isinstance(out.get("include_path"), list):
+        out["include_path"] = [Path(p).name if isinstance(p, str) else p for p in out["include_path"]]
+    if isinstance(out.get("eval"), Mapping):
+        out["eval"] = portable_settings(out["eval"])
+    return out
 
 
 def get_calibration(
@@ -360,6 +421,22 @@ def _local_file(data_dir: Path | None, candidates: Iterable[str]) -> Path | None
         if (data_dir / rel).is_file():
             return data_dir / rel
     return None
+
+
+def _source_file(source: str, data_dir: str | os.PathLike | None) -> Path | None:
+    """The local file a string source reads: the data dir's copy of c4/wikitext2 (as the loaders choose
+    it), or the file given; None for the Hub, ``self`` and HF datasets."""
+    key = source.strip().lower()
+    if key in ("c4", "wikitext2"):
+        try:
+            d = resolve_data_dir(data_dir)
+        except CalibrationError:
+            return None
+        return _local_file(d, (C4_LOCAL,) if key == "c4" else WIKITEXT2_LOCAL_TRAIN + WIKITEXT2_LOCAL_VALID)
+    if key == "self":
+        return None
+    path = Path(source).expanduser()
+    return path if path.is_file() else None
 
 
 def _hub_error(what: str, local: str, data_dir: Path | None, exc: Exception) -> CalibrationError:

@@ -37,6 +37,8 @@ class PruneReport:
     layer_targets: list[tuple[float, str]] | None = None  # per layer (sparsity, pattern) when not uniform
     permutations: dict[str, Any] = field(default_factory=dict)  # module -> int32 [in] (RIA N:M), see save
     execution: str | None = None  # how the engine ran the layers' chunks (lockstep, replay, ...)
+    skipped: dict[str, str] = field(default_factory=dict)  # modules left dense by role (routers), and why
+    nm_search: dict[str, str] = field(default_factory=dict)  # N:M pattern -> group choice that ran (SparseGPT)
 
     @property
     def modules(self):
@@ -49,6 +51,13 @@ class PruneReport:
         total = sum(m.shape[0] * m.shape[1] for m in mods)
         zeros = sum(m.sparsity * m.shape[0] * m.shape[1] for m in mods)
         return zeros / total if total else 0.0
+
+    @property
+    def portable_config(self) -> dict[str, Any]:
+        """The settings as the checkpoint records them: data sources by name, no path of this machine."""
+        from .data import portable_settings
+
+        return portable_settings(self.config)
 
     @property
     def masks_sha256(self) -> str:
@@ -82,13 +91,15 @@ class PruneReport:
             "execution": self.execution,
             "masks_sha256": self.masks_sha256,
             **({"fallbacks": self.fallbacks} if self.fallbacks else {}),
+            **({"skipped": self.skipped} if self.skipped else {}),
+            **({"nm_search": self.nm_search} if self.nm_search else {}),
             "refine": self.config.get("refine"),
             "allocation": self.config.get("allocation"),
             **({"layer_sparsity": [{"sparsity": round(s, 6), "pattern": p} for s, p in self.layer_targets]}
                if self.layer_targets is not None else {}),
             "calibration": self.calibration,
             "seed": self.config["seed"],
-            "config": self.config,
+            "config": self.portable_config,
             "versions": self.versions,
             **({"permutations": {
                 "file": PERMUTATIONS_FILE, "modules": len(self.permutations),
@@ -111,7 +122,7 @@ class PruneReport:
         return clean(
             {
                 "model": self.model,
-                "config": self.config,
+                "config": self.portable_config,
                 "calibration": self.calibration,
                 "measured_sparsity": self.sparsity,
                 "pruned_params": self.pruned_params,
@@ -122,6 +133,8 @@ class PruneReport:
                 "execution": self.execution,
                 "masks_sha256": self.masks_sha256,
                 "fallbacks": self.fallbacks,
+                "skipped": self.skipped,
+                "nm_search": self.nm_search,
                 "layers": [
                     {"index": layer.index, "seconds": layer.seconds, "error": layer.error,
                      "modules": [asdict(m) for m in layer.modules]}
@@ -159,6 +172,9 @@ class PruneReport:
             f"{self.calibration.get('seqlen')} tokens, seed {c['seed']}",
             f"time: {secs}",
         ]
+        if self.skipped:
+            lines.append(f"left dense by role: {len(self.skipped)} module(s) (routers and gates), e.g. "
+                         f"{next(iter(self.skipped))}; see 'skipped' in the report")
         if self.fallbacks:
             lines.append(f"warning: {len(self.fallbacks)} module(s) pruned by magnitude (no calibration tokens "
                          f"reached them): {', '.join(list(self.fallbacks)[:5])}{' ...' if len(self.fallbacks) > 5 else ''}")

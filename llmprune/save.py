@@ -1,7 +1,9 @@
 """Writing a pruned checkpoint that plain ``transformers`` loads.
 
 Everything is written into a temporary sibling folder and renamed into place once complete,
-so an interrupted run never leaves a half-written output behind.
+so an interrupted run never leaves a half-written output behind. The files get the modes a plain
+file creation gets under the process umask (``tempfile.mkdtemp`` makes its folder 0700, and
+safetensors writes 0600 whatever the umask), and the metadata names data sources without local paths.
 """
 
 from __future__ import annotations
@@ -37,6 +39,32 @@ def check_output(output: str | Path, overwrite: bool) -> Path:
     return out
 
 
+def _umask() -> int:
+    """The process umask; read from /proc where possible, since os.umask can only read it by setting it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _umask_permissions(folder: Path) -> None:
+    """Folders ``0o777 & ~umask`` and files ``0o666 & ~umask`` (0755 / 0644 under the usual 022), as
+    ``save_pretrained`` into a fresh folder gives its files written by ``open``."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for names, mode in ((dirs, 0o777), (files, 0o666)):
+            for name in names:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):
+                    os.chmod(path, mode & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
 def save_pruned(model, tokenizer, output: str | Path, report: PruneReport, overwrite: bool = False) -> Path:
     """Save weights (safetensors, exact zeros), config with an ``llmprune`` block, tokenizer,
     generation config, ``llmprune_report.json`` and (if evaluated) ``llmprune_eval.json`` into ``output``."""
@@ -58,7 +86,7 @@ def save_pruned(model, tokenizer, output: str | Path, report: PruneReport, overw
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in report.permutations.items()}, tmp / PERMUTATIONS_FILE)
-        os.chmod(tmp, 0o755)
+        _umask_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)

@@ -18,10 +18,10 @@ from .lockstep import CPU_CHUNK_TOKENS, Lockstep, compute_chunk
 from .passes import SequentialRun, plan_batch_size, run_sequential
 from .plan import PrunePlan, layer_index, pattern_name, sparsity_map
 from .residency import LayerResidency
-from .targets import ExpertGroup, Target, find_decoder_layers, find_targets
+from .targets import ExpertGroup, LayerTargets, Target, find_decoder_layers, find_targets
 
 __all__ = [
-    "CPU_CHUNK_TOKENS", "ERROR_SAMPLE_ROWS", "ExpertGroup", "LayerCall", "LayerReport", "LayerResidency",
+    "CPU_CHUNK_TOKENS", "ERROR_SAMPLE_ROWS", "ExpertGroup", "LayerCall", "LayerReport", "LayerTargets", "LayerResidency",
     "LayerWork", "Lockstep", "ModuleReport", "PrunePlan", "SequentialRun", "Target", "UnsupportedModelError", "capture_layer_inputs",
     "compute_chunk", "find_decoder_layers", "find_targets", "inference_state", "layer_index", "module_device",
     "pattern_name", "plan_batch_size", "resolve_device", "run_sequential", "sparsity_map",

@@ -110,6 +110,7 @@ class SequentialRun:
         else:
             self.execution = "lockstep" if fits else "replay"
         self._reuse: dict[str, InputStats] = {}  # the first layer's dense statistics, from observe()
+        self.skipped: dict[str, str] = {}  # module -> why it is not a target (routers, gates)
         log.info(
             "%d decoder layers at %s; calibration %d x %d in %d chunk(s): %s order, %s",
             len(self.layers), self.layers_name, n, L, len(self.chunks), sequential, self.execution,
@@ -156,6 +157,7 @@ class SequentialRun:
 
     def _targets(self, i: int, layer: nn.Module):
         found = find_targets(layer, f"{self.layers_name}.{i}", self.targets, self.ignore)
+        self.skipped.update(found.skipped)  # routers and gates left dense by role
         return found.targets, found.groups
 
     def _bar(self, desc: str):

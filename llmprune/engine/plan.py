@@ -95,6 +95,7 @@ class PrunePlan:
         # input-channel permutations of N:M results chosen in a permuted order (RIA):
         # W[:, perm] has the N:M pattern in consecutive groups, W itself in general not
         self.permutations: dict[str, torch.Tensor] = {}
+        self.nm_search: dict[str, str] = {}  # N:M pattern -> how the pruner chose each group (exact, greedy, ...)
 
     @property
     def needs(self) -> frozenset[str]:
@@ -118,6 +119,9 @@ class PrunePlan:
         else:
             check_finite_stats(t.name, stats)
         W = t.get_weight()  # [out, in] float32
+        choice = getattr(pruner, "nm_choice", None)
+        if spec.nm is not None and choice is not None:
+            self.nm_search[pattern_name(spec.nm)] = choice(spec.nm)
         res = pruner.prune(W, stats, spec.sparsity, spec.nm)
         if refiner is not None and spec.sparsity > 0 and refiner.applies(t.name):
             res = refiner.refine(W, res, stats, spec.sparsity, spec.nm)

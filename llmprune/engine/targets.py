@@ -1,12 +1,38 @@
-"""What gets pruned: the stack of decoder layers, and the weights inside each layer.
+r"""What gets pruned: the stack of decoder layers, and the weights inside each layer.
 
 A :class:`Target` is one weight seen as ``W [out, in]`` whatever its storage (``nn.Linear``,
 GPT-2's transposed ``Conv1D``, one expert of a fused 3-D expert parameter); an
 :class:`ExpertGroup` is a fused MoE experts module, whose inputs depend on routing.
+
+What stays dense by role (:func:`find_targets`):
+
+- **Routers.** In an MoE block (the parent of an experts container: a module named ``experts``,
+  or one holding a 3-D parameter), a weight ``[E, H]`` whose output width equals the block's
+  number of experts ``E`` is the router (Mixtral/Qwen-MoE ``gate``, DBRX ``router.layer``,
+  GPT-OSS/Granite ``router``), whether an ``nn.Linear`` or a custom module with a 2-D ``weight``.
+  Only the block's own children count, or the single weight inside a child (``router.layer``),
+  never the experts or a shared-expert MLP.
+- **Gates.** In an MoE block, a weight with one output (Qwen-MoE ``shared_expert_gate``: a
+  sigmoid scale on the shared expert).
+
+Both are left out and listed in :attr:`LayerTargets.skipped`: they are tiny, and pruning them
+changes which experts every token reaches. An explicit ``targets`` regex that spells the
+router's own name (a match reaching past the block's name: ``mlp\.gate``, ``gate$``,
+``router``) prunes it anyway; ``mlp\.`` alone does not.
+
+Fused experts (3-D ``gate_up_proj``/``down_proj``, the transformers 5 layout) are read in two
+layouts, told apart by shape and checked against ``is_transposed``: ``[E, 2I, H]`` + ``[E, H, I]``
+and transposed ``[E, H, 2I]`` + ``[E, I, H]``, with gate and up concatenated, no bias, called as
+``experts(hidden_states, top_k_index, top_k_weights)``. Any other experts container (biases,
+interleaved or no gate, other call signatures, DBRX's flat ``w1``/``v1``/``w2``, JetMoE's
+``weight [E, out, in]``) is an error naming the module and the fix, ``--ignore`` on it: it
+would otherwise stay dense unseen. Experts made of ``nn.Linear`` modules (a ModuleList) are
+ordinary targets.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from dataclasses import dataclass
@@ -43,17 +69,19 @@ def _is_conv1d(mod: nn.Module) -> bool:
 class Target:
     """A weight to prune, seen as ``W [out, in]`` whatever its storage layout.
 
-    ``index`` selects one expert of a fused 3-D expert parameter ``[experts, out, in]``.
+    ``index`` selects one expert of a fused 3-D expert parameter ``[experts, out, in]``
+    (``[experts, in, out]`` when ``in_out``).
     """
 
     name: str  # full name in the model, e.g. model.layers.3.mlp.experts.down_proj[5]
     module: nn.Module
     param: str = "weight"
     index: int | None = None
+    in_out: bool = False  # stored as [in, out]: transposed fused experts
 
     @property
     def transposed(self) -> bool:
-        return _is_conv1d(self.module)
+        return self.in_out or _is_conv1d(self.module)
 
     def stored(self) -> torch.Tensor:
         p = getattr(self.module, self.param).data
@@ -73,15 +101,6 @@ class Target:
         return tuple(W.T.shape if self.transposed else W.shape)
 
 
-def _is_fused_experts(mod: nn.Module) -> bool:
-    """Mixtral/Qwen-MoE experts of transformers 5: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``."""
-    gu, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
-    return (
-        isinstance(gu, nn.Parameter) and isinstance(down, nn.Parameter) and gu.dim() == 3 and down.dim() == 3
-        and hasattr(mod, "act_fn")
-    )
-
-
 @dataclass
 class ExpertGroup:
     """The experts of one fused MoE module: per expert a ``gate_up`` and a ``down`` target."""
@@ -89,12 +108,7 @@ class ExpertGroup:
     module: nn.Module
     gate_up: list[Target]
     down: list[Target]
-
-    @property
-    def supported(self) -> bool:
-        m = self.module
-        return bool(getattr(m, "is_concatenated", True) and not getattr(m, "is_transposed", False)
-                    and not getattr(m, "has_bias", False) and getattr(m, "has_gate", True))
+    in_out: bool = False  # transposed layout: gate_up_proj [E, H, 2I], down_proj [E, I, H]
 
     @property
     def targets(self) -> list[Target]:
@@ -112,8 +126,154 @@ class ExpertGroup:
 
     def intermediate(self, e: int, X: torch.Tensor) -> torch.Tensor:
         """Input of expert ``e``'s down projection, ``act(gate) * up``  [t_e, I]."""
-        gate, up = nn.functional.linear(X, self.module.gate_up_proj[e]).chunk(2, dim=-1)
+        W = self.module.gate_up_proj[e]  # [2I, H], or [H, 2I] when in_out
+        gate_up = X @ W if self.in_out else nn.functional.linear(X, W)  # [t_e, 2I]
+        apply_gate = getattr(self.module, "_apply_gate", None)
+        if apply_gate is not None:  # transformers' gating hook: default, or clamped (Step3p7)
+            return apply_gate(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.module.act_fn(gate) * up
+
+
+SUPPORTED_EXPERTS = (
+    "gate_up_proj [E, 2I, H] + down_proj [E, H, I], or transposed [E, H, 2I] + [E, I, H]; gate and up "
+    "concatenated, no bias, called as experts(hidden_states, top_k_index, top_k_weights)"
+)
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _fused_layout(mod: nn.Module) -> tuple[bool | None, str]:
+    """``(in_out, "")`` for a fused-experts module llmprune reads, ``(None, why not)`` otherwise."""
+    gu, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+    if gu is None and (hasattr(mod, "up_proj") or not getattr(mod, "has_gate", True)):
+        return None, "no gate: up_proj only"
+    if not all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in (gu, down)):
+        return None, "no 3-D gate_up_proj and down_proj"
+    extra = [n for n, p in mod.named_parameters() if p.dim() >= 2 and n not in ("gate_up_proj", "down_proj")]
+    if extra or getattr(mod, "has_bias", False):
+        return None, f"also holds {', '.join(extra) or 'biases'}"
+    if not getattr(mod, "is_concatenated", True):
+        return None, "gate and up interleaved"
+    if not (hasattr(mod, "act_fn") or hasattr(mod, "_apply_gate")):
+        return None, "no act_fn"
+    params = list(inspect.signature(mod.forward).parameters)
+    if params[:2] != ["hidden_states", "top_k_index"]:
+        return None, f"called as forward({', '.join(params)})"
+    (E, A, B), (E_down, C, D) = gu.shape, down.shape
+    standard = A == 2 * D and B == C  # [E, 2I, H], [E, H, I]
+    in_out = B == 2 * C and A == D  # [E, H, 2I], [E, I, H]
+    if E != E_down or not (standard or in_out):
+        return None, "shapes match neither layout"
+    flag = getattr(mod, "is_transposed", None)
+    if flag is not None and bool(flag) != in_out:
+        return None, f"is_transposed={flag} disagrees with the shapes"
+    return in_out, ""
+
+
+def _expert_count(mod: nn.Module) -> int | None:
+    for src in (mod, getattr(mod, "config", None)):
+        for attr in _EXPERT_COUNTS:
+            v = getattr(src, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    if isinstance(mod, nn.ModuleList):
+        return len(mod)
+    deep = [p for p in mod.parameters(recurse=False) if p.dim() >= 3]
+    return deep[0].shape[0] if deep else None
+
+
+def _inside(name: str, container: str) -> bool:
+    return name == container or name.startswith(f"{container}.")
+
+
+def _expert_containers(layer: nn.Module) -> dict[str, int | None]:
+    """Name → number of experts, for each module of ``layer`` that holds experts: one with a 3-D
+    parameter (convolutions aside), or one named ``experts`` without such a module inside (a
+    ModuleList, DBRX's flat weights). JetMoE's ``experts`` attention holds two 3-D modules and a
+    router: it is an MoE block, not a container."""
+    deep: dict[str, int | None] = {}
+    named: dict[str, int | None] = {}
+    for name, mod in layer.named_modules():
+        if not name or any(_inside(name, c) for c in deep):
+            continue
+        if not isinstance(mod, nn.modules.conv._ConvNd) and any(p.dim() >= 3 for p in mod.parameters(recurse=False)):
+            deep[name] = _expert_count(mod)
+        elif name.rsplit(".", 1)[-1] == "experts" and not any(_inside(name, c) for c in named):
+            named[name] = _expert_count(mod)
+    named = {n: E for n, E in named.items() if not any(_inside(d, n) for d in deep)}
+    return deep | named
+
+
+def _weight_2d(mod: nn.Module) -> bool:
+    W = getattr(mod, "weight", None)
+    return isinstance(W, nn.Parameter) and W.dim() == 2
+
+
+def _roles(layer: nn.Module, containers: dict[str, int | None]) -> dict[str, tuple[str, str]]:
+    """Name → ``(MoE block, reason)`` for the routers and gates of the layer (see the module docstring)."""
+    mods = dict(layer.named_modules())
+    roles: dict[str, tuple[str, str]] = {}
+    for container, E in containers.items():
+        block = container.rpartition(".")[0]
+        for child_name, child in mods[block].named_children():
+            child_full = f"{block}.{child_name}" if block else child_name
+            if any(_inside(child_full, c) for c in containers):
+                continue
+            weighted = [(n, m) for n, m in child.named_modules() if _weight_2d(m)]
+            if len(weighted) != 1:  # a router is one weight, or a wrapper of one (DBRX router.layer)
+                continue
+            n, m = weighted[0]
+            name = f"{child_full}.{n}" if n else child_full
+            out = m.nf if _is_conv1d(m) else m.weight.shape[0]
+            hint = f"name it in targets to prune it, e.g. '{re.escape(name)}$'"
+            if out == E:
+                roles[name] = (block, f"router: {out} outputs, one per expert of {container}; {hint}")
+            elif out == 1:
+                roles[name] = (block, f"gate: one output scaling a branch of {block or 'the layer'}; {hint}")
+    return roles
+
+
+def _spells(targets: str, name: str, block: str) -> bool:
+    """Whether the ``targets`` regex names the module itself: a match reaching past its block's name."""
+    start = len(block) + 1 if block else 0
+    return any(m.end() > max(start, m.start()) for m in re.finditer(targets, name))
+
+
+def _loose_params(mod: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Weights (≥ 2-D) of ``mod`` not held by a Linear / Conv1D, which llmprune could see as targets."""
+    out = []
+    for sub_name, sub in mod.named_modules():
+        if isinstance(sub, nn.Linear) or _is_conv1d(sub):
+            continue
+        for n, p in sub.named_parameters(recurse=False):
+            if p.dim() >= 2:
+                out.append((f"{sub_name}.{n}" if sub_name else n, p))
+    return out
+
+
+def _expert_group(name: str, mod: nn.Module, full: str, targets: str | None,
+                  ignore: str | None) -> ExpertGroup | None:
+    loose = _loose_params(mod)
+    sel = {n for n, _ in loose if _matches(f"{name}.{n}", targets, ignore)}
+    if not sel:  # experts made of Linear modules (found one by one), or not selected
+        return None
+    in_out, why = _fused_layout(mod)
+    if in_out is None:
+        shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in loose)
+        raise ValueError(
+            f"{full} ({type(mod).__name__}: {shapes}) holds experts in a layout llmprune does not read "
+            f"({why}); it reads {SUPPORTED_EXPERTS}. Leave them dense with ignore='{re.escape(name)}' "
+            f"(--ignore '{re.escape(name)}')"
+        )
+    E = mod.gate_up_proj.shape[0]
+    return ExpertGroup(
+        mod,
+        [Target(f"{full}.gate_up_proj[{e}]", mod, "gate_up_proj", e, in_out) for e in range(E)]
+        if "gate_up_proj" in sel else [],
+        [Target(f"{full}.down_proj[{e}]", mod, "down_proj", e, in_out) for e in range(E)]
+        if "down_proj" in sel else [],
+        in_out,
+    )
 
 
 def _matches(name: str, targets: str | None, ignore: str | None) -> bool:
@@ -122,32 +282,41 @@ def _matches(name: str, targets: str | None, ignore: str | None) -> bool:
     return not (ignore is not None and re.search(ignore, name))
 
 
+@dataclass
+class LayerTargets:
+    """What :func:`find_targets` found in one decoder layer."""
+
+    targets: list[Target]
+    groups: list[ExpertGroup]
+    skipped: list[tuple[str, str]]  # (name, reason): routers and gates left dense by role
+
+
 def find_targets(
     layer: nn.Module, prefix: str, targets: str | None = None, ignore: str | None = None
-) -> tuple[list[Target], list[ExpertGroup]]:
+) -> LayerTargets:
     """Every Linear / Conv1D inside a decoder layer, and fused expert weights, filtered by regexes
-    on the name relative to the layer (``self_attn.q_proj``, ``mlp.experts.down_proj``)."""
-    found, groups = [], []
+    on the name relative to the layer (``self_attn.q_proj``, ``mlp.experts.down_proj``); routers
+    and gates are skipped unless ``targets`` names them (see the module docstring). Raises
+    ``ValueError`` for selected experts in a layout it does not read."""
+    containers = _expert_containers(layer)
+    roles = _roles(layer, containers)
+    found = LayerTargets([], [], [])
     for name, mod in layer.named_modules():
-        if isinstance(mod, nn.Linear) or _is_conv1d(mod):
-            if _matches(name, targets, ignore):
-                found.append(Target(f"{prefix}.{name}", mod))
-        elif _is_fused_experts(mod):
-            E = mod.gate_up_proj.shape[0]
-            sel = {p: _matches(f"{name}.{p}", targets, ignore) for p in ("gate_up_proj", "down_proj")}
-            if not any(sel.values()):
+        full = f"{prefix}.{name}"
+        if name in roles:
+            block, reason = roles[name]
+            if not _matches(name, None, ignore):
                 continue
-            group = ExpertGroup(
-                mod,
-                [Target(f"{prefix}.{name}.gate_up_proj[{e}]", mod, "gate_up_proj", e) for e in range(E)]
-                if sel["gate_up_proj"] else [],
-                [Target(f"{prefix}.{name}.down_proj[{e}]", mod, "down_proj", e) for e in range(E)]
-                if sel["down_proj"] else [],
-            )
-            if group.supported:
-                groups.append(group)
-            else:
-                log.warning("%s.%s: this fused-experts layout is not supported and stays dense", prefix, name)
-    return found, groups
-
-
+            if targets is not None and _spells(targets, name, block):
+                found.targets.append(Target(full, mod))
+            elif targets is None or re.search(targets, name):
+                found.skipped.append((full, reason))
+                log.debug("%s stays dense: %s", full, reason)
+        elif isinstance(mod, nn.Linear) or _is_conv1d(mod):
+            if _matches(name, targets, ignore):
+                found.targets.append(Target(full, mod))
+        elif name in containers:
+            group = _expert_group(name, mod, full, targets, ignore)
+            if group is not None:
+                found.groups.append(group)
+    return found

@@ -17,8 +17,12 @@ log = logging.getLogger(__name__)
 
 def preflight(cfg: EvalConfig) -> None:
     """Fail before any long work on a perplexity file that does not exist or an unknown task."""
-    from .perplexity import PPL_DATASETS, DatasetError
+    from .perplexity import PPL_DATASETS, DatasetError, _hub_offline, c4_unavailable
 
+    if "c4" in cfg.ppl and _hub_offline():  # refused offline: fail before pruning, not after
+        from ..data import resolve_data_dir
+
+        raise c4_unavailable(resolve_data_dir(cfg.data_dir))
     for ds in cfg.ppl:
         if ds not in PPL_DATASETS:
             path = Path(ds).expanduser()

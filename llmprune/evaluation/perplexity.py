@@ -2,14 +2,21 @@
 
 - ``wikitext2``: the raw test split joined with ``"\\n\\n"``, tokenized once.
 - ``c4``: the first 1,100 documents of the English validation shard 0 joined with ``" "``,
-  tokenized once and cut to ``256 × seqlen`` tokens (from the Hub; offline, the local C4 slice of
-  the data dir is used the same way and the result says it is not comparable with the papers).
+  tokenized once and cut to ``256 × seqlen`` tokens, from the Hub only. Offline it is refused: the
+  data dir's C4 slice is the offline calibration source of ``c4``, whose sampler may draw any of its
+  documents (so a held-out part cannot be set aside without changing the calibration windows), and it
+  is not validation shard 0, so a perplexity on it would score calibration text and compare with
+  nothing published. A file of held-out text can be evaluated by path instead.
 - a ``.txt`` file (its text) or a ``.jsonl``/``.json`` file (records' ``text`` joined with
   ``"\\n\\n"``).
 
 The token stream is cut into non-overlapping windows of ``seqlen`` tokens (the tail shorter than
 a window is dropped); perplexity is ``exp`` of the mean next-token NLL over all scored tokens
 (``seqlen - 1`` per window), with the log-softmax taken in float32.
+
+A result names its text without local paths (``source``) and fingerprints it: ``data_sha256`` is the
+sha256 prefix of the local file read (so that results can tell when a perplexity was measured on the
+calibration data, see :mod:`.results`), ``fingerprint`` that of the scored token windows.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 PPL_DATASETS = ("wikitext2", "c4")
+C4_LOCAL = "c4/c4_validation_2k.jsonl"  # the data dir's C4 slice: offline calibration only
 C4_HUB_FILE = "en/c4-validation.00000-of-00008.json.gz"  # allenai/c4, as in the papers' code
 C4_DOCS = 1100
 C4_WINDOWS = 256
@@ -47,8 +55,9 @@ class PerplexityResult:
     tokens: int  # scored tokens
     fingerprint: str  # sha256 prefix of the evaluated token ids
     source: str  # where the text came from
-    comparable: bool  # False: not the papers' data (e.g. a local C4 slice)
+    comparable: bool  # False: not comparable with published numbers (see results: overlaps_calibration)
     seconds: float
+    data_sha256: str | None = None  # sha256 prefix of the local file read; None from the Hub
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +70,7 @@ class TextSource:
     source: str
     comparable: bool = True
     max_tokens_windows: int | None = None  # C4: keep the first N windows' worth of tokens
+    sha256: str | None = None  # of the local file read
 
 
 def _hub_offline() -> bool:
@@ -82,9 +92,23 @@ def _read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
         raise DatasetError(f"{path}: records have no {field!r} field; give a file whose records have 'text'") from None
 
 
+def c4_unavailable(root: Path | None, hub_error: Exception | None = None) -> DatasetError:
+    """Why C4 perplexity cannot run without the Hub, and what to evaluate instead."""
+    local = root / C4_LOCAL if root is not None else None
+    why = (f"the data dir's C4 slice ({C4_LOCAL}) is not used for perplexity: it is the offline calibration "
+           "source of 'c4', whose sampler may draw any of its documents, so the perplexity would score "
+           "calibration text; and it is not validation shard 0, so it would compare with nothing published"
+           if local is not None and local.is_file() else "")
+    return DatasetError(
+        f"c4 perplexity needs the Hub (allenai/c4 {C4_HUB_FILE}, the papers' data; "
+        f"{hub_error or 'offline mode is set'}){'; ' + why if why else ''}. Offline, evaluate wikitext2, or "
+        "pass a .txt/.jsonl file of held-out text (never the calibration text)"
+    )
+
+
 def load_text(name: str, data_dir: str | Path | None = None) -> TextSource:
     """The text of a perplexity dataset: ``wikitext2``, ``c4`` or a ``.txt``/``.jsonl``/``.json`` path."""
-    from ..data import resolve_data_dir
+    from ..data import file_sha256, resolve_data_dir
 
     root = resolve_data_dir(data_dir)  # --data-dir, else $LLMPRUNE_DATA_DIR; an error if it does not exist
     if name == "wikitext2":
@@ -92,7 +116,7 @@ def load_text(name: str, data_dir: str | Path | None = None) -> TextSource:
             path = root / "wikitext2" / "raw" / "wiki.test.raw"
             # the file's lines are the rows of the HF dataset's test split
             text = "\n\n".join(path.read_text(encoding="utf-8").split("\n")[:-1])
-            return TextSource(name, text, str(path))
+            return TextSource(name, text, f"local copy {path.name}", sha256=file_sha256(path))
         rows = _hub_rows("wikitext", "wikitext-2-raw-v1", "test", None, root, "wikitext2/raw/wiki.test.raw")
         return TextSource(name, "\n\n".join(rows), "hub:wikitext/wikitext-2-raw-v1:test")
     if name == "c4":
@@ -104,24 +128,15 @@ def load_text(name: str, data_dir: str | Path | None = None) -> TextSource:
                                   max_tokens_windows=C4_WINDOWS)
             except DatasetError as e:
                 hub_error = e
-        local = root / "c4" / "c4_validation_2k.jsonl" if root is not None else None
-        if local is not None and local.is_file():
-            log.warning("c4: the Hub is not reachable; using the local C4 slice %s the papers' way. It is not "
-                        "validation shard 0, so the perplexity is not comparable with published C4 numbers", local)
-            rows = _read_jsonl_texts(local)
-            return TextSource(name, " ".join(rows[:C4_DOCS]), str(local), comparable=False,
-                              max_tokens_windows=C4_WINDOWS)
-        raise DatasetError(
-            f"c4 needs the Hub ({hub_error or 'offline mode is set'}) or a data dir with c4/c4_validation_2k.jsonl "
-            f"(data dir: {str(root) if root else 'not set'}); pass --data-dir or set LLMPRUNE_DATA_DIR"
-        )
+        raise c4_unavailable(root, hub_error)
     path = Path(name).expanduser()
     if path.suffix in (".txt", ".jsonl", ".json"):
         if not path.is_file():
             raise DatasetError(f"perplexity file {name!r} does not exist")
+        sha256 = file_sha256(path)
         if path.suffix == ".txt":
-            return TextSource(path.name, path.read_text(encoding="utf-8"), str(path))
-        return TextSource(path.name, "\n\n".join(_read_jsonl_texts(path)), str(path))
+            return TextSource(path.name, path.read_text(encoding="utf-8"), f"file {path.name}", sha256=sha256)
+        return TextSource(path.name, "\n\n".join(_read_jsonl_texts(path)), f"file {path.name}", sha256=sha256)
     raise DatasetError(
         f"unknown perplexity dataset {name!r}; choose one of: {', '.join(PPL_DATASETS)}, "
         "or give a .txt/.jsonl/.json file"
@@ -237,6 +252,7 @@ def perplexity(
     dataset: str = "text",
     source: str = "",
     comparable: bool = True,
+    data_sha256: str | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``text`` (tokenized once) or on a token stream ``input_ids [T]``."""
     t0 = time.perf_counter()
@@ -265,7 +281,7 @@ def perplexity(
     tokens = n * (seqlen - 1)
     nll = total / tokens
     return PerplexityResult(dataset, math.exp(nll), nll, seqlen, n, tokens, fingerprint, source, comparable,
-                            time.perf_counter() - t0)
+                            time.perf_counter() - t0, data_sha256)
 
 
 def dataset_perplexity(model, tokenizer, name: str, seqlen: int = 2048, max_windows: int | None = None,
@@ -278,4 +294,4 @@ def dataset_perplexity(model, tokenizer, name: str, seqlen: int = 2048, max_wind
         ids = ids[: src.max_tokens_windows * seqlen]
     return perplexity(model, input_ids=ids, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
                       device=device, progress=progress, dataset=src.name, source=src.source,
-                      comparable=src.comparable)
+                      comparable=src.comparable, data_sha256=src.sha256)

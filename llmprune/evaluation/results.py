@@ -3,6 +3,10 @@
 Metric keys are normalized as ``<dataset or task>/<metric>``: ``wikitext2/ppl``, ``c4/ppl``,
 ``piqa/acc``, ``piqa/acc_norm``, ``lambada_openai/perplexity``. A metric computed under an
 lm-eval filter other than ``none`` gets it appended: ``gsm8k/exact_match@strict-match``.
+
+Results hold no path of the machine that measured them: settings name files by base name and the
+data dir only as set. A perplexity measured on the very file the model was calibrated on (same
+``data_sha256`` as the pruning's calibration) is marked ``overlaps_calibration`` and not comparable.
 """
 
 from __future__ import annotations
@@ -51,8 +55,28 @@ class EvalResults:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     schema: str = SCHEMA
 
+    def __post_init__(self) -> None:
+        from ..data import portable_settings
+
+        self.settings = portable_settings(self.settings)
+        if isinstance(self.pruning, dict) and isinstance(self.pruning.get("config"), dict):
+            self.pruning = {**self.pruning, "config": portable_settings(self.pruning["config"])}
+
+    def mark_overlaps(self) -> None:
+        """Mark each perplexity measured on the pruning's calibration file (same ``data_sha256``) as
+        ``overlaps_calibration``, not comparable, with a note; called before results are written or shown."""
+        calib = (self.pruning or {}).get("calibration") or {}
+        sha = calib.get("data_sha256")
+        for p in self.perplexity.values():
+            if sha and p.get("data_sha256") == sha:
+                p["overlaps_calibration"] = True
+                p["comparable"] = False
+                p["note"] = (f"measured on the calibration data ({calib.get('source')}): the model was pruned "
+                             "with statistics of this text, so the perplexity is not comparable")
+
     # ---- I/O -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        self.mark_overlaps()
         return asdict(self)
 
     def save(self, path: str | Path) -> Path:
@@ -79,6 +103,7 @@ class EvalResults:
 
     # ---- tables ----------------------------------------------------------------------------
     def markdown(self) -> str:
+        self.mark_overlaps()
         rows = ["| metric | value | ± stderr | protocol |", "|---|---|---|---|"]
         for key, value in self.metrics.items():
             name = key.split("/", 1)[0]
@@ -97,7 +122,8 @@ def _fmt(x: float | None) -> str:
 def _protocol(r: EvalResults, name: str) -> str:
     if name in r.perplexity:
         p = r.perplexity[name]
-        note = "" if p.get("comparable", True) else ", not the papers' data"
+        note = ("" if p.get("comparable", True) else
+                ", overlaps the calibration data" if p.get("overlaps_calibration") else ", not the papers' data")
         return f"seqlen {p['seqlen']}, {p['windows']} windows, {p['tokens']} tokens{note}"
     if name in r.tasks:
         t = r.tasks[name]
@@ -133,10 +159,20 @@ def compare_table(results: list[EvalResults]) -> str:
             better = (d < 0) if lower_is_better(key) else (d > 0)
             arrow = "" if d == 0 else (" ↑" if better else " ↓")
             cells.append(f"{_fmt(v)} ({d:+.4g}{arrow})")
-        rows.append(f"| {key} | " + " | ".join(cells) + " |")
+        rows.append(f"| {key}{' *' if _not_comparable(results, key) else ''} | " + " | ".join(cells) + " |")
     rows.append("")
     rows.append("Deltas are against the first model; ↑ better, ↓ worse (lower is better for perplexities).")
+    if any(_not_comparable(results, key) for key in keys):
+        rows.append("\\* not comparable for some model (not the papers' data, or measured on its calibration data; "
+                    "see each result's perplexity protocol).")
     return "\n".join(rows)
+
+
+def _not_comparable(results: list[EvalResults], key: str) -> bool:
+    name = key.split("/", 1)[0]
+    for r in results:
+        r.mark_overlaps()
+    return any(r.perplexity.get(name, {}).get("comparable", True) is False for r in results)
 
 
 def save_all(results: list[EvalResults], path: str | Path) -> Path:
