@@ -88,3 +88,63 @@ def test_non_finite_weights_fail_naming_the_module():
     st.add(torch.randn(10, 8))
     with pytest.raises(NonFiniteError, match="model.layers.1.self_attn.q_proj: wanda produced non-finite weights"):
         PrunePlan(Wanda(), lambda name: 0.5)(Target("model.layers.1.self_attn.q_proj", lin), st)
+
+
+class _ReversedMoE(nn.Module):
+    """Top-1 routing to separate Linear experts, run from the last expert to the first."""
+
+    def __init__(self, width=16, experts=4):
+        super().__init__()
+        self.router = nn.Linear(width, experts, bias=False)
+        self.experts = nn.ModuleList([nn.Linear(width, width) for _ in range(experts)])
+        with torch.no_grad():
+            self.router.weight.zero_()
+            self.router.weight[:, :experts] = torch.eye(experts)
+
+    def forward(self, hidden_states):
+        top1 = self.router(hidden_states).argmax(-1)  # [B, L]
+        out = torch.zeros_like(hidden_states)
+        for e in reversed(range(len(self.experts))):
+            idx = top1 == e
+            if idx.any():
+                out[idx] = self.experts[e](hidden_states[idx])
+        return hidden_states + out
+
+
+class _ReversedMoELM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(128, 16)
+        with torch.no_grad():  # token t goes to expert t % 4
+            self.embed.weight.zero_()
+            self.embed.weight[torch.arange(128), torch.arange(128) % 4] = 10.0
+        self.layers = nn.ModuleList([_ReversedMoE()])
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+def test_experts_run_out_of_order_never_drop_tokens(monkeypatch):
+    from llmprune import engine
+
+    # chunk 0 reaches experts 3 then 1; chunk 1 only expert 1: in lockstep, expert 1 (registered
+    # first) would be pruned before chunk 0 got there, without chunk 0's tokens
+    ids = torch.tensor([[3, 1, 3, 1], [1, 5, 9, 13]])
+    monkeypatch.setattr(engine.lockstep, "CPU_CHUNK_TOKENS", 4)
+    kw = dict(calibration=ids, method="wanda", device="cpu", progress=False, nsamples=2, seqlen=4)
+    with pytest.raises(RuntimeError, match=r"reached layers\.0\.experts\.1 after it was pruned.*--sequential "
+                                           "dense-layer"):
+        llmprune.prune(_ReversedMoELM(), None, **kw)
+    monkeypatch.setattr(engine.passes, "plan_batch_size", lambda n, *a, **k: 1)  # replayed: refused too
+    with pytest.raises(RuntimeError, match="different orders"):
+        llmprune.prune(_ReversedMoELM(), None, **kw)
+    report = llmprune.prune(_ReversedMoELM(), None, sequential="dense-layer", **kw)
+    tokens = {m.name: m.tokens for m in report.modules}
+    assert tokens["layers.0.experts.1"] == 6 and tokens["layers.0.experts.3"] == 2  # every routed token
+    assert "layers.0.router" in report.skipped

@@ -46,6 +46,14 @@ class LayerReport:
         return sum(errs) / len(errs) if errs else float("nan")
 
 
+def _out_of_order(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"a calibration chunk reached {name} after it was pruned without that chunk's tokens: this layer runs "
+        "its modules (experts) in another order than it registers them, so the chunks cannot run in lockstep; "
+        "use --sequential dense-layer, or one chunk (--batch-size with every calibration window)"
+    )
+
+
 class StopLayer(Exception):
     """Ends a replayed chunk's layer forward at the first target that is not pruned yet."""
 
@@ -106,6 +114,8 @@ class LayerWork:
         """Add input ``X`` of target ``t`` to its statistics, sharing them with earlier targets
         that received the very same tensor in this forward (q/k/v, gate/up)."""
         if t.name in self.reports:  # already pruned (a module applied twice, or an earlier replay)
+            if self._parks() and self.lockstep.arrived_late(t):
+                raise _out_of_order(t.name)
             if self.replay and t.name in self.stats:  # later targets fed the same tensor share its statistics
                 self.seen[id(X)] = (weakref.ref(X), self.stats[t.name])
             return
@@ -160,6 +170,8 @@ class LayerWork:
             if self.replay and pending:  # routed together with the other chunks' tokens (release)
                 self.expert_inputs.setdefault(id(g), []).append((hidden, top_k_index))
                 self._stop(g)
+            elif self.prune_in_hook and self._parks() and not pending and self.lockstep.arrived_late(g):
+                raise _out_of_order(", ".join(t.name for t in g.targets[:1]) + " ...")
             elif self.prune_in_hook and self._parks():
                 # every chunk's tokens are routed together once all chunks are here (release)
                 self.expert_inputs.setdefault(id(g), []).append((hidden, top_k_index))

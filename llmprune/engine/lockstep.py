@@ -30,14 +30,23 @@ class Lockstep:
     statistics) and at each fused-experts module. When every live chunk is parked, the earliest
     park point in the layer's module order is released (its target pruned, or its experts
     routed and pruned on all chunks' tokens) and the chunks waiting there resume. Chunks skip
-    targets they do not call (routed experts), which the module order accounts for.
+    targets they do not call (routed experts), which the module order accounts for. A chunk that
+    reaches a target already pruned without its input (experts run in another order than the
+    layer registers them) would be left out of that target's statistics: that is an error.
     """
 
     def __init__(self, layer: nn.Module):
         self.rank = {id(m): i for i, m in enumerate(layer.modules())}  # module order in the layer
         self.parked: dict[Any, Target | ExpertGroup] = {}
+        self.visited: dict[Any, set[int]] = {}  # chunk -> ids of the keys it parked at
         self.chunks: set = set()
         self.main = None
+
+    def arrived_late(self, key: Target | ExpertGroup) -> bool:
+        """Whether the current chunk meets the released ``key`` without having parked there."""
+        from greenlet import getcurrent
+
+        return id(key) not in self.visited.get(getcurrent(), ())
 
     def in_chunk(self) -> bool:
         from greenlet import getcurrent
@@ -48,6 +57,7 @@ class Lockstep:
         from greenlet import getcurrent
 
         self.parked[getcurrent()] = key
+        self.visited.setdefault(getcurrent(), set()).add(id(key))
         self.main.switch()
 
     def run(self, forwards: list[Callable[[], torch.Tensor]], release: Callable[[Target | ExpertGroup], None],
@@ -75,7 +85,7 @@ class Lockstep:
                     del self.parked[g]
                     g.switch()
         finally:
-            self.chunks, self.parked, self.main = set(), {}, None
+            self.chunks, self.parked, self.visited, self.main = set(), {}, {}, None
 
 
 def compute_chunk(seqlen: int, batch_size: int | None, device: torch.device) -> int:
