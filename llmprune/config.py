@@ -70,6 +70,10 @@ class _Config(BaseModel):
     @classmethod
     def build(cls, data: dict[str, Any], source: str = "config") -> Any:
         """Validate ``data``; errors name the field, the value and the fix."""
+        bad = [k for k in data if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"invalid {source}:\n  key {bad[0]!r} is not a name; valid keys are: "
+                              f"{', '.join(cls.model_fields)}")
         try:
             return cls(**data)
         except ValidationError as e:
@@ -294,7 +298,12 @@ class PruneConfig(_Config):
     @classmethod
     def _eval_list(cls, v: Any) -> Any:
         if isinstance(v, (str, list)):
-            return split_eval_names(_split_list(v))
+            names = _split_list(v)
+            bad = [x for x in names if not isinstance(x, str) or not x.strip()]
+            if bad:
+                raise ValueError(f"evaluation entries must be dataset or task names such as 'wikitext2' or "
+                                 f"'piqa', got {bad[0]!r}")
+            return split_eval_names(names)
         return v
 
     @field_validator("method")
@@ -460,7 +469,14 @@ class PruneConfig(_Config):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe {str(path)!r} does not exist; give the path of a YAML file (see recipes/)")
-        data = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
+        try:
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"recipe {str(path)!r} is not valid YAML{at}: {problem}; fix the file "
+                              "(see recipes/ for examples)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {str(path)!r} must be a mapping of config fields, got {type(data).__name__}")
         overrides = {k: v for k, v in overrides.items() if v is not None}
