@@ -117,12 +117,17 @@ def apply_mask_(W: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return W.masked_fill_(~keep, 0.0)
 
 
+def count_nonzero(W: torch.Tensor) -> int:
+    """Number of nonzero entries of ``W`` (numpy's kernel on the CPU)."""
+    if _numpy_ok(W):
+        import numpy as np
+
+        return int(np.count_nonzero(W.numpy()))
+    return int(torch.count_nonzero(W))
+
+
 def zero_fraction(W: torch.Tensor) -> float:
     """Fraction of exact zeros in ``W``."""
     if W.numel() == 0:
         return 0.0
-    if _numpy_ok(W):
-        import numpy as np
-
-        return 1.0 - np.count_nonzero(W.numpy()) / W.numel()
-    return 1.0 - int(torch.count_nonzero(W)) / W.numel()
+    return 1.0 - count_nonzero(W) / W.numel()

@@ -75,6 +75,13 @@ class PruneReport:
         return {m.name: m.fallback for m in self.modules if m.fallback}
 
     @property
+    def decoder_sparsity(self) -> float:
+        """Zeros over every weight matrix inside the decoder layers: targets and what stayed dense
+        (routers, ignored modules), so it never overstates the model's sparsity."""
+        total = sum(layer.weights for layer in self.layers)
+        return sum(layer.zeros for layer in self.layers) / total if total else 0.0
+
+    @property
     def pruned_params(self) -> int:
         return sum(m.shape[0] * m.shape[1] for m in self.modules)
 
@@ -85,6 +92,7 @@ class PruneReport:
             "pattern": self.config["pattern"],
             "target_sparsity": self.config.get("target_sparsity"),
             "measured_sparsity": round(self.sparsity, 6),
+            "decoder_sparsity": round(self.decoder_sparsity, 6),
             "module_sparsity": {m.name: round(m.sparsity, 6) for m in self.modules},
             "module_target_sparsity": {m.name: round(m.target_sparsity, 6) for m in self.modules},
             "sequential": self.config.get("sequential"),
@@ -125,6 +133,7 @@ class PruneReport:
                 "config": self.portable_config,
                 "calibration": self.calibration,
                 "measured_sparsity": self.sparsity,
+                "decoder_sparsity": self.decoder_sparsity,
                 "pruned_params": self.pruned_params,
                 "seconds": self.seconds,
                 "versions": self.versions,
@@ -167,7 +176,8 @@ class PruneReport:
         lines += [
             "",
             f"model {self.model}: {c['method']} {c['pattern']}, measured sparsity {self.sparsity:.4f} "
-            f"over {self.pruned_params:,} weights in {len(self.modules)} modules",
+            f"over {self.pruned_params:,} weights in {len(self.modules)} modules "
+            f"({self.decoder_sparsity:.4f} over every weight matrix of the decoder layers)",
             f"calibration {self.calibration.get('source')}: {self.calibration.get('nsamples')} x "
             f"{self.calibration.get('seqlen')} tokens, seed {c['seed']}",
             f"time: {secs}",

@@ -148,3 +148,15 @@ def test_experts_run_out_of_order_never_drop_tokens(monkeypatch):
     tokens = {m.name: m.tokens for m in report.modules}
     assert tokens["layers.0.experts.1"] == 6 and tokens["layers.0.experts.3"] == 2  # every routed token
     assert "layers.0.router" in report.skipped
+
+
+def test_modules_left_dense_count_in_the_decoder_sparsity(calib_ids):
+    model = make_tiny_model("llama")
+    report = llmprune.prune(model, None, calibration=calib_ids, method="wanda", ignore=r"mlp\.", device="cpu",
+                            progress=False, nsamples=6, seqlen=16)
+    assert report.sparsity == pytest.approx(0.5, abs=1e-3)  # over the targets only
+    weights = [p for layer in model.model.layers for p in layer.parameters() if p.dim() >= 2]
+    expected = sum(int((p == 0).sum()) for p in weights) / sum(p.numel() for p in weights)
+    assert report.decoder_sparsity == pytest.approx(expected, abs=1e-9) and report.decoder_sparsity < 0.3
+    assert report.metadata()["decoder_sparsity"] == round(report.decoder_sparsity, 6)
+    assert "over every weight matrix of the decoder layers" in report.summary()

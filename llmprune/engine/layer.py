@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..masks import count_nonzero
 from ..stats import InputStats
 from .lockstep import Lockstep
 from .targets import ExpertGroup, Target
@@ -39,11 +40,23 @@ class LayerReport:
     index: int
     seconds: float
     modules: list[ModuleReport] = field(default_factory=list)
+    weights: int = 0  # every weight matrix of the layer (targets, routers, ignored and dense modules)
+    zeros: int = 0  # exact zeros among them
 
     @property
     def error(self) -> float:
         errs = [m.error for m in self.modules if m.error == m.error]
         return sum(errs) / len(errs) if errs else float("nan")
+
+
+def count_zeros(layer: nn.Module) -> tuple[int, int]:
+    """``(weights, zeros)`` over every parameter of ``layer`` with two or more dimensions."""
+    total = zeros = 0
+    for p in layer.parameters():
+        if p.dim() >= 2:
+            total += p.numel()
+            zeros += p.numel() - count_nonzero(p.detach())
+    return total, zeros
 
 
 def _out_of_order(name: str) -> RuntimeError:

@@ -35,7 +35,7 @@ from torch import nn
 from ..stats import InputStats
 from ..steps import ObservedModule
 from .capture import capture_layer_inputs, inference_state, module_device, resolve_device
-from .layer import LayerReport, LayerWork, StopLayer
+from .layer import LayerReport, LayerWork, StopLayer, count_zeros
 from .lockstep import Lockstep, compute_chunk
 from .plan import PrunePlan
 from .residency import LayerResidency
@@ -235,12 +235,14 @@ class SequentialRun:
                             _store_output(hidden, c, calls[c][i](layer, hidden[c]))
                     lw.prune_remaining()
                 self._reuse = {}
+                weights, zeros = count_zeros(layer)  # while resident: the whole layer, not only its targets
                 layer.to(home)
                 if residency is not None:
                     residency.release(i, layer)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                rep = LayerReport(i, time.perf_counter() - t0, [lw.reports[t.name] for t in lw.all_targets])
+                rep = LayerReport(i, time.perf_counter() - t0, [lw.reports[t.name] for t in lw.all_targets],
+                                  weights, zeros)
                 reports.append(rep)
                 bar.set_postfix(err=f"{rep.error:.3f}", sec=f"{rep.seconds:.1f}")
                 log.debug("layer %d: %.1fs, mean relative error %.4f", i, rep.seconds, rep.error)
