@@ -3,8 +3,12 @@
 Protocol (issue 9, that of eval/results/prune.md): the embedded SmolLM2-135M-Instruct in float32;
 calibration 32 windows x 512 tokens from the local C4 slice, seed 0; perplexity on WikiText-2 raw
 test, seqlen 2048, first 16 windows. Every prune is a separate `llmprune prune` process, timed end
-to end (load, calibrate, observe, prune, save) with its peak resident memory from wait4(); the
-perplexity of each output is computed afterwards by the same evaluator, then the output is deleted.
+to end (load, calibrate, observe, prune, save); its peak resident memory is the process's own
+high-water mark (VmHWM of /proc/self/status at exit: wait4()'s ru_maxrss of a child forked from
+this process, which holds a model for the perplexities, would start from this process's size).
+The perplexity of each output is computed afterwards by the same evaluator, then the output is
+deleted. ``--timing-only`` re-measures wall time and memory of configs already in the results
+(no perplexity), for runs on an otherwise idle machine.
 
     python eval/bench_sparsity.py --data-dir ../shared/data \
         [--configs wanda:0.7 wanda:0.7+owl+dsnot ria:2:4 ...] [--seeds 0 1 2]
@@ -32,6 +36,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_prune import machine, perplexity_of, run_measured  # noqa: E402
+
+# runs the CLI, then writes the process's peak resident memory (VmHWM, kB) to $LLMPRUNE_BENCH_HWM
+HWM_WRAPPER = """
+import os, runpy, sys
+sys.argv = ["llmprune", *sys.argv[1:]]
+try:
+    runpy.run_module("llmprune.cli", run_name="__main__")
+finally:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+    open(os.environ["LLMPRUNE_BENCH_HWM"], "w").write(hwm)
+"""
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "ria"]
 LEVELS = ["0.5", "0.6", "0.7", "2:4"]
@@ -93,6 +108,8 @@ def main() -> int:
     ap.add_argument("--ppl-windows", type=int, default=16)
     ap.add_argument("--workdir", default="/tmp/llmprune-bench-sparsity")
     ap.add_argument("--results", default=str(HERE / "results" / "sparsity"))
+    ap.add_argument("--timing-only", action="store_true",
+                    help="re-measure wall time and peak memory of configs already in the results (no perplexity)")
     args = ap.parse_args()
 
     from llmprune.models import embedded_model_path
@@ -106,27 +123,36 @@ def main() -> int:
     rows = {(r["config"], r["seed"]): r for r in state.get("results", [])}
     commands = state.get("commands", [])
     commands.append("python eval/bench_sparsity.py " + " ".join(sys.argv[1:]))
-    state["calibration_forward_s"] = calibration_forward_seconds(args.data_dir, args.nsamples, args.seqlen, 0)
-    print(f"calibration forward {state['calibration_forward_s']:.1f}s", flush=True)
+    if not args.timing_only or "calibration_forward_s" not in state:
+        state["calibration_forward_s"] = calibration_forward_seconds(args.data_dir, args.nsamples, args.seqlen, 0)
+        print(f"calibration forward {state['calibration_forward_s']:.1f}s", flush=True)
     for spec in args.configs:
         _, flags = parse(spec)
         for seed in args.seeds:
             folder = work / f"{spec.replace(':', '_').replace('+', '-')}-s{seed}"
-            cmd = [sys.executable, "-m", "llmprune.cli", "prune", *flags, "--calib", "c4",
+            hwm = work / "hwm.txt"
+            cmd = [sys.executable, "-c", HWM_WRAPPER, "prune", *flags, "--calib", "c4",
                    "--data-dir", args.data_dir, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                    "--seed", str(seed), "--dtype", "float32", "--device", "cpu", "--output", str(folder),
                    "--overwrite", "--quiet"]
-            meas = run_measured(cmd, env)
+            meas = run_measured(cmd, {**env, "LLMPRUNE_BENCH_HWM": str(hwm)})
+            if meas["rc"] == 0:
+                meas["peak_rss_mb"] = int(hwm.read_text()) / 1024
             if meas["rc"] != 0:
                 print(meas["output"], file=sys.stderr)
                 raise SystemExit(f"{spec} (seed {seed}) failed with exit code {meas['rc']}")
             report = json.loads((folder / "llmprune_report.json").read_text())
-            ppl = perplexity_of(folder, args.data_dir, args.ppl_seqlen, args.ppl_windows)["ppl"]
-            rows[(spec, seed)] = {
-                "config": spec, "seed": seed, "ppl": ppl, "wall_s": meas["wall_s"],
-                "peak_rss_mb": meas["peak_rss_mb"], "sparsity": report["measured_sparsity"],
-                "seconds": report["seconds"], "date": datetime.date.today().isoformat(),
-            }
+            timing = {"wall_s": meas["wall_s"], "peak_rss_mb": meas["peak_rss_mb"], "seconds": report["seconds"],
+                      "sparsity": report["measured_sparsity"], "date": datetime.date.today().isoformat()}
+            if args.timing_only:
+                if (spec, seed) not in rows:
+                    raise SystemExit(f"{spec} (seed {seed}) has no perplexity in the results yet; run it without "
+                                     "--timing-only first")
+                rows[(spec, seed)].update(timing, timed_alone=True)
+                ppl = rows[(spec, seed)]["ppl"]
+            else:
+                ppl = perplexity_of(folder, args.data_dir, args.ppl_seqlen, args.ppl_windows)["ppl"]
+                rows[(spec, seed)] = {"config": spec, "seed": seed, "ppl": ppl, **timing}
             shutil.rmtree(folder, ignore_errors=True)
             print(f"{spec:28s} seed {seed}  ppl {ppl:9.2f}  wall {meas['wall_s']:6.1f}s  "
                   f"RSS {meas['peak_rss_mb']:5.0f} MB  sparsity {report['measured_sparsity']:.4f}", flush=True)
@@ -175,10 +201,14 @@ def write(out: Path, state: dict, args: argparse.Namespace) -> None:
             return statistics.fmean(r[key] for r in rs)
 
         prune_s = statistics.fmean(r["seconds"]["prune"] for r in rs)
+        alone = "" if all(r.get("timed_alone") for r in rs) else " ⁽*⁾"
         lines.append(
             f"| {config} | {','.join(str(r['seed']) for r in rs)} | {mean:.2f} | {spread} | {avg('sparsity'):.4f} "
-            f"| {avg('wall_s'):.1f} | {obs_s} | {prune_s:.1f} | {avg('peak_rss_mb'):.0f} | {PEER.get(config, '-')} |"
+            f"| {avg('wall_s'):.1f}{alone} | {obs_s} | {prune_s:.1f} | {avg('peak_rss_mb'):.0f}{alone} "
+            f"| {PEER.get(config, '-')} |"
         )
+    lines += ["", "⁽*⁾ not re-timed alone: measured while other jobs shared the 2 cores (perplexity valid, time "
+              "and memory not comparable)."]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(state, indent=2) + "\n")

@@ -71,6 +71,26 @@ def _module_target(value: float | str) -> LayerTarget:
     return LayerTarget(float(value), None)
 
 
+def _check_patterns(model, config: PruneConfig, target_of) -> None:
+    """Every N:M pattern against the input width of the targets it applies to, before any work."""
+    from .engine import find_targets
+
+    layers_name, layers = find_decoder_layers(model)
+    bad = []
+    for i, layer in enumerate(layers):
+        found = find_targets(layer, f"{layers_name}.{i}", config.targets, config.ignore)
+        for t in found.targets + [t for g in found.groups for t in g.targets]:
+            nm = target_of(t.name).nm
+            if nm is not None and t.shape[1] % nm[1]:
+                bad.append(f"{t.name} (input width {t.shape[1]})")
+    if bad:
+        raise ConfigError(
+            f"pattern {config.pattern} needs input widths that are multiples of its M, but {len(bad)} target(s) "
+            f"are not: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; leave them dense with --ignore, give "
+            "them their own sparsity with module_sparsity, or choose another pattern"
+        )
+
+
 def prune(
     model,
     tokenizer=None,
@@ -101,6 +121,8 @@ def prune(
     device = resolve_device(config.device)
     pruner, refiner, allocator = build_methods(config)
     prune_needs = pruner.needs | (refiner.needs if refiner else frozenset())
+    per_module = {rx: _module_target(v) for rx, v in (config.module_sparsity or {}).items()}
+    _check_patterns(model, config, sparsity_map(LayerTarget(config.target_sparsity, config.nm), per_layer, per_module))
     if not (prune_needs | (allocator.needs if allocator else frozenset())) and calibration is None:
         # magnitude needs no data: one short window keeps the engine path uniform and cheap
         ids = torch.zeros(1, 1, dtype=torch.long)
@@ -109,7 +131,6 @@ def prune(
         ids, calib = calibration_tokens(config, model, tokenizer, calibration)
     t1 = time.perf_counter()
     nm = config.nm
-    per_module = {rx: _module_target(v) for rx, v in (config.module_sparsity or {}).items()}
     run = SequentialRun(model, ids, device=device, batch_size=config.batch_size, targets=config.targets,
                         ignore=config.ignore, progress=progress, residency=residency,
                         sequential=config.sequential)

@@ -90,6 +90,9 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
         raise ModelLoadError(f"dtype {dtype!r} is not supported; choose one of: auto, {', '.join(DTYPES)}") from None
 
 
+_TIED_OK = {"lm_head.weight"}  # tied to the input embeddings, legitimately absent from the checkpoint
+
+
 def load_model(
     model: str | None = None,
     dtype: str = "auto",
@@ -110,7 +113,7 @@ def load_model(
     kwargs = dict(dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
     kwargs["use_safetensors"] = None if allow_pickle else True
     try:
-        m = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        m, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     except OSError as e:
         msg = str(e)
         if not allow_pickle and ("safetensors" in msg or "pytorch_model.bin" in msg):
@@ -127,7 +130,16 @@ def load_model(
             raise ModelLoadError(
                 f"{source!r} needs custom modelling code; pass --trust-remote-code if you trust it"
             ) from e
-        raise
+        raise ModelLoadError(f"could not load model {source!r}: {str(e).splitlines()[0]}") from e
+    missing = [k for k in info.get("missing_keys", []) if k not in _TIED_OK]
+    if missing:
+        # weights the checkpoint does not have were initialised at random: not a causal LM checkpoint
+        archs = ", ".join(getattr(m.config, "architectures", None) or [type(m.config).__name__])
+        raise ModelLoadError(
+            f"{source!r} ({archs}) is not a causal language model checkpoint: loading it as one leaves "
+            f"{len(missing)} weight(s) without values (e.g. {missing[0]}); llmprune prunes causal LMs "
+            "(AutoModelForCausalLM), give such a checkpoint"
+        )
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     return m, tok, source
 

@@ -31,6 +31,15 @@ def check_output(output: str | Path, overwrite: bool) -> Path:
     out = Path(output).expanduser()
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {str(out)!r} is a file; give a folder path")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)  # the nearest existing ancestor
+    if parent is not None and not parent.is_dir():
+        raise OutputExistsError(f"output {str(out)!r} lies under {str(parent)!r}, which is a file; give a folder path")
+    if parent is not None:  # can we write there? (a probe folder, removed at once: nothing is left)
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".llmprune-probe-", dir=parent))
+        except OSError as e:
+            raise OutputExistsError(f"output {str(out)!r} cannot be created in {str(parent)!r} ({e.strerror}); "
+                                    "choose another --output") from None
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(
             f"output folder {str(out)!r} already exists and is not empty; pass --overwrite "
