@@ -7,6 +7,7 @@ an N:M pattern): one value for all, a user mapping from a recipe, or an allocato
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 
@@ -72,11 +73,17 @@ class NonFiniteError(ValueError):
     """Statistics or a pruned weight hold inf or NaN; the message names the module and the fix."""
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry is finite: one sum (inf and NaN propagate through it), and the exact
+    elementwise test only when the sum itself is not finite (it could overflow on huge values)."""
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def check_finite_stats(name: str, stats: InputStats) -> None:
     """Overflowed activations (float16 models overflow often) make Σx² or H infinite, and a pruner
     would then keep or drop whole columns silently: fail naming the module instead."""
     for what, value in (("Σx²", stats.sq), ("Σx", stats.sum), ("H = Σxxᵀ", stats._H)):
-        if value is not None and not bool(torch.isfinite(value).all()):
+        if value is not None and not all_finite(value):
             raise NonFiniteError(
                 f"the input statistics of {name} ({what}) are not finite: its activations overflowed during "
                 "calibration; prune in float32 or bfloat16 (--dtype float32), or leave it dense (--ignore)"
@@ -125,7 +132,7 @@ class PrunePlan:
         res = pruner.prune(W, stats, spec.sparsity, spec.nm)
         if refiner is not None and spec.sparsity > 0 and refiner.applies(t.name):
             res = refiner.refine(W, res, stats, spec.sparsity, spec.nm)
-        if not bool(torch.isfinite(res.W).all()):
+        if not all_finite(res.W):
             raise NonFiniteError(
                 f"{t.name}: {pruner.name} produced non-finite weights (the weight or its statistics hold inf/NaN); "
                 "check the model's weights, or prune in float32 (--dtype float32)"
