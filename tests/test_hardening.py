@@ -133,21 +133,27 @@ class _ReversedMoELM(nn.Module):
 def test_experts_run_out_of_order_never_drop_tokens(monkeypatch):
     from llmprune import engine
 
-    # chunk 0 reaches experts 3 then 1; chunk 1 only expert 1: in lockstep, expert 1 (registered
-    # first) would be pruned before chunk 0 got there, without chunk 0's tokens
+    # chunk 0 reaches experts 3 then 1; chunk 1 only expert 1: released in registration order,
+    # expert 1 would be pruned before chunk 0 got there, without chunk 0's tokens. Lockstep
+    # releases in the call order learned from the first layer's chunks instead.
     ids = torch.tensor([[3, 1, 3, 1], [1, 5, 9, 13]])
     monkeypatch.setattr(engine.lockstep, "CPU_CHUNK_TOKENS", 4)
     kw = dict(calibration=ids, method="wanda", device="cpu", progress=False, nsamples=2, seqlen=4)
+    dense = llmprune.prune(_ReversedMoELM(), None, sequential="dense-layer", **kw)
+    tokens = {m.name: m.tokens for m in dense.modules}
+    assert tokens["layers.0.experts.1"] == 6 and tokens["layers.0.experts.3"] == 2  # every routed token
+    assert "layers.0.router" in dense.skipped
+    report = llmprune.prune(_ReversedMoELM(), None, **kw)
+    assert report.execution == "lockstep"
+    assert {m.name: m.tokens for m in report.modules} == tokens
+    # with the learned order switched off, the late chunk is caught, never silently dropped
+    monkeypatch.setattr(engine.passes, "call_order", lambda layer, forwards: None)
     with pytest.raises(RuntimeError, match=r"reached layers\.0\.experts\.1 after it was pruned.*--sequential "
                                            "dense-layer"):
         llmprune.prune(_ReversedMoELM(), None, **kw)
-    monkeypatch.setattr(engine.passes, "plan_batch_size", lambda n, *a, **k: 1)  # replayed: refused too
+    monkeypatch.setattr(engine.passes, "plan_batch_size", lambda n, *a, **k: 1)  # replayed: refused
     with pytest.raises(RuntimeError, match="different orders"):
         llmprune.prune(_ReversedMoELM(), None, **kw)
-    report = llmprune.prune(_ReversedMoELM(), None, sequential="dense-layer", **kw)
-    tokens = {m.name: m.tokens for m in report.modules}
-    assert tokens["layers.0.experts.1"] == 6 and tokens["layers.0.experts.3"] == 2  # every routed token
-    assert "layers.0.router" in report.skipped
 
 
 def test_modules_left_dense_count_in_the_decoder_sparsity(calib_ids):

@@ -35,8 +35,10 @@ class Lockstep:
     layer registers them) would be left out of that target's statistics: that is an error.
     """
 
-    def __init__(self, layer: nn.Module):
-        self.rank = {id(m): i for i, m in enumerate(layer.modules())}  # module order in the layer
+    def __init__(self, layer: nn.Module, order: list[str] | None = None):
+        # the order in which the layer calls its modules: learned (call_order) or as registered
+        pos = {n: i for i, n in enumerate(order)} if order else {}
+        self.rank = {id(m): pos.get(n, len(pos) + i) for i, (n, m) in enumerate(layer.named_modules())}
         self.parked: dict[Any, Target | ExpertGroup] = {}
         self.visited: dict[Any, set[int]] = {}  # chunk -> ids of the keys it parked at
         self.chunks: set = set()
@@ -86,6 +88,50 @@ class Lockstep:
                     g.switch()
         finally:
             self.chunks, self.parked, self.visited, self.main = set(), {}, {}, None
+
+
+def call_order(layer: nn.Module, forwards: list[Callable[[], Any]]) -> list[str] | None:
+    """The names of ``layer``'s modules in the order its forward calls them, merged over every chunk
+    (``forwards``: dense forwards of the layer, run here once each). Routed experts run in whatever
+    order the model's code loops over them, not necessarily as registered; lockstep releases its
+    park points in this order. Modules no chunk called keep their registration order; None when the
+    chunks disagree (a cycle), in which case the registration order stands."""
+    names = [n for n, _ in layer.named_modules()]
+    reg = {n: i for i, n in enumerate(names)}
+    seqs: list[list[str]] = []
+    handles = []
+    for n, m in layer.named_modules():
+        if n:
+            handles.append(m.register_forward_pre_hook(lambda mod, args, n=n: seqs[-1].append(n)))
+    try:
+        with torch.no_grad():
+            for f in forwards:
+                seqs.append([])
+                f()
+    finally:
+        for h in handles:
+            h.remove()
+    after: dict[str, set[str]] = {n: set() for n in names}
+    indeg = dict.fromkeys(names, 0)
+    for seq in seqs:
+        first = list(dict.fromkeys(seq))  # first call of each module
+        for a, b in zip(first, first[1:]):
+            if b not in after[a]:
+                after[a].add(b)
+                indeg[b] += 1
+    import heapq
+
+    ready = [(reg[n], n) for n in names if indeg[n] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, n = heapq.heappop(ready)
+        order.append(n)
+        for b in after[n]:
+            indeg[b] -= 1
+            if indeg[b] == 0:
+                heapq.heappush(ready, (reg[b], b))
+    return order if len(order) == len(names) else None
 
 
 def compute_chunk(seqlen: int, batch_size: int | None, device: torch.device) -> int:

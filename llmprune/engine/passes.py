@@ -36,7 +36,7 @@ from ..stats import InputStats
 from ..steps import ObservedModule
 from .capture import capture_layer_inputs, inference_state, module_device, resolve_device
 from .layer import LayerReport, LayerWork, StopLayer, count_zeros
-from .lockstep import Lockstep, compute_chunk
+from .lockstep import Lockstep, call_order, compute_chunk
 from .plan import PrunePlan
 from .residency import LayerResidency
 from .targets import find_decoder_layers, find_targets
@@ -201,6 +201,7 @@ class SequentialRun:
         with inference_state(self.model):
             hidden, calls = self._capture()
             bar = self._bar("pruning layers")
+            order: list[str] | None = None  # module call order inside a layer (lockstep)
             for i in bar:
                 t0 = time.perf_counter()
                 layer = self.layers[i]
@@ -209,6 +210,11 @@ class SequentialRun:
                     residency.acquire(i, layer)
                 layer.to(device)
                 tgts, groups = self._targets(i, layer)
+                if self.execution == "lockstep" and i == 0:
+                    # the layers' call order, learned once from the dense first layer over all chunks
+                    # (before any hook): routed experts may run in another order than registered
+                    order = call_order(layer, [functools.partial(calls[c][i], layer, hidden[c])
+                                               for c in range(len(chunks))])
                 reuse = self._reuse if i == 0 else None
                 within = self.sequential == "within-layer"
                 with LayerWork(tgts, groups, plan.needs, plan, prune_in_hook=within, reuse=reuse) as lw:
@@ -220,7 +226,7 @@ class SequentialRun:
                         lw.prune_remaining()
                     if self.execution == "lockstep":  # prune in the hooks, chunks in lockstep
                         lw.new_forward()
-                        lw.lockstep = Lockstep(layer)
+                        lw.lockstep = Lockstep(layer, order)
                         lw.lockstep.run(
                             [functools.partial(calls[c][i], layer, hidden[c]) for c in range(len(chunks))],
                             lw.release, functools.partial(_store_output, hidden),
