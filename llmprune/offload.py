@@ -114,6 +114,12 @@ class DiskOffloader:
                 self._page_out(p.data)
         self._trim()  # what loading and capturing freed
 
+    def observed(self, index: int, layer: nn.Module) -> None:
+        """After an observe-only pass read layer ``index``: hand its pages back, as ``acquire`` does,
+        without copying (nothing was written); the prune pass reads them again."""
+        for _, p in self._cpu_params(layer):
+            self._page_out(p.data)
+
     def release(self, index: int, layer: nn.Module) -> None:
         for name, p in self._cpu_params(layer):
             p.data = self._map(p.data, self.folder / f"{index}.{name}.bin")

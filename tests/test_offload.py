@@ -71,3 +71,13 @@ def test_set_aside_pages_out_only_what_lies_outside_the_layers(tiny_llama_dir, t
     real = DiskOffloader(tmp_path)
     real.set_aside(model, list(layers))  # advisory: the values are re-read from the file when used
     assert all(torch.equal(p, v) for p, v in zip(outside, values))
+
+
+def test_observed_layers_are_paged_out_without_copies_or_files(tmp_path):
+    layer = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8))
+    ptrs = [p.data_ptr() for p in layer.parameters()]
+    off = DiskOffloader(tmp_path)
+    off._libc = fake = _FakeLibc()
+    off.observed(0, layer)
+    assert fake.paged_out == 4  # every parameter's pages handed back
+    assert [p.data_ptr() for p in layer.parameters()] == ptrs and not list(tmp_path.iterdir()) and off.bytes == 0
