@@ -178,7 +178,7 @@ def write(out: Path, state: dict, args: argparse.Namespace) -> None:
         f"- protocol: embedded SmolLM2-135M-Instruct, float32, CPU; calibration {args.nsamples} x {args.seqlen} "
         f"tokens from the local C4 slice; perplexity on WikiText-2 raw test, seqlen {args.ppl_seqlen}, first "
         f"{args.ppl_windows} windows (dense 20.60). Wall time and peak RSS of the whole `llmprune prune` "
-        "process (load, calibrate, observe, prune, save), measured with wait4(); the observe and prune "
+        "process (load, calibrate, observe, prune, save); peak memory as the process's own VmHWM; the observe and prune "
         "columns are the report's own timings. Peer: llm-compressor 0.14 on this protocol, as given in "
         "issue 9 (not re-measured in this run).",
         f"- one dense forward of the calibration batch through the model: {state['calibration_forward_s']:.1f} s "
