@@ -121,8 +121,9 @@ def prune(
     device = resolve_device(config.device)
     pruner, refiner, allocator = build_methods(config)
     prune_needs = pruner.needs | (refiner.needs if refiner else frozenset())
+    uniform = LayerTarget(config.target_sparsity, config.nm)
     per_module = {rx: _module_target(v) for rx, v in (config.module_sparsity or {}).items()}
-    _check_patterns(model, config, sparsity_map(LayerTarget(config.target_sparsity, config.nm), per_layer, per_module))
+    _check_patterns(model, config, sparsity_map(uniform, per_layer, per_module))
     if not (prune_needs | (allocator.needs if allocator else frozenset())) and calibration is None:
         # magnitude needs no data: one short window keeps the engine path uniform and cheap
         ids = torch.zeros(1, 1, dtype=torch.long)
@@ -130,18 +131,16 @@ def prune(
     else:
         ids, calib = calibration_tokens(config, model, tokenizer, calibration)
     t1 = time.perf_counter()
-    nm = config.nm
     run = SequentialRun(model, ids, device=device, batch_size=config.batch_size, targets=config.targets,
                         ignore=config.ignore, progress=progress, residency=residency,
                         sequential=config.sequential)
     seconds = {"calibration": t1 - t0}
     if allocator is not None:
         run.observe(allocator.needs, allocator.observe, keep_first=prune_needs)
-        per_layer = _layer_targets(allocator.allocate(config.target_sparsity, nm), len(layers),
+        per_layer = _layer_targets(allocator.allocate(uniform.sparsity, uniform.nm), len(layers),
                                    f"allocation {config.allocation!r}")
         seconds["observe"] = time.perf_counter() - t1
-    plan = PrunePlan(pruner, sparsity_map(LayerTarget(config.target_sparsity, nm), per_layer, per_module),
-                     refiner=refiner, nm=nm)
+    plan = PrunePlan(pruner, sparsity_map(uniform, per_layer, per_module), refiner=refiner, nm=uniform.nm)
     t2 = time.perf_counter()
     layer_reports = run.prune(plan)
     seconds["prune"] = time.perf_counter() - t2

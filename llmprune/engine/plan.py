@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ..masks import zero_fraction
 from ..pruners import Magnitude, Pruner
 from ..stats import InputStats, relative_error
 from ..steps import LayerTarget, Refiner
@@ -57,16 +56,18 @@ def sparsity_map(
     return target_of
 
 
-def mask_hash(t: Target) -> str:
-    """sha256 of the target's zero pattern as ``[out, in]`` row-major bits."""
+def zero_pattern(t: Target) -> tuple[float, str]:
+    """The target's measured sparsity and the sha256 of its zero pattern (``[out, in]`` row-major
+    bits), from one pass over the stored weight."""
     import hashlib
 
     import numpy as np
 
     W = t.stored()
     W = W.T if t.transposed else W  # [out, in]
-    bits = np.packbits((W != 0).cpu().numpy().reshape(-1))
-    return hashlib.sha256(bits.tobytes()).hexdigest()
+    kept = (W != 0).cpu().numpy().reshape(-1)  # [out·in] bool
+    sparsity = 1.0 - np.count_nonzero(kept) / kept.size if kept.size else 0.0
+    return sparsity, hashlib.sha256(np.packbits(kept).tobytes()).hexdigest()
 
 
 class NonFiniteError(ValueError):
@@ -143,14 +144,15 @@ class PrunePlan:
         if spec.nm is not None and perm is not None:
             pattern += " permuted"
             self.permutations[t.name] = perm.to("cpu", torch.int32)  # [in]
+        sparsity, mask_sha256 = zero_pattern(t)
         return ModuleReport(
             name=t.name,
             shape=t.shape,
             target_sparsity=spec.sparsity,
-            sparsity=zero_fraction(t.stored()),
+            sparsity=sparsity,
             error=relative_error(W, res.W, stats.sample),
             tokens=stats.n,
             pattern=pattern,
             fallback=fallback,
-            mask_sha256=mask_hash(t),
+            mask_sha256=mask_sha256,
         )
