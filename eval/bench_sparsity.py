@@ -70,12 +70,16 @@ def parse(spec: str) -> tuple[str, list[str]]:
             flags += ["--allocation", "owl"]
         elif x == "dsnotall":  # DSnoT on every target, not attention only
             flags += ["--refine", "dsnot", "--dsnot-skip", ""]
+        elif x == "dsnotref":  # DSnoT with the reference's stopping rule: swaps may overshoot (non-monotone)
+            flags += ["--refine", "dsnot", "--no-dsnot-monotone"]
+        elif x == "dsnotrefall":
+            flags += ["--refine", "dsnot", "--no-dsnot-monotone", "--dsnot-skip", ""]
         elif x == "owl25":  # OWL with lambda 0.25: with 2:4, each layer's N in {1, 2, 3}
             flags += ["--allocation", "owl", "--owl-lambda", "0.25"]
         elif x == "nopermute":
             flags += ["--no-ria-permute"]
         else:
-            raise SystemExit(f"unknown config part {x!r} in {spec!r}; use +dsnot, +dsnotall, +owl, +owl25 "
+            raise SystemExit(f"unknown config part {x!r} in {spec!r}; use +dsnot, +dsnotall, +dsnotref, +dsnotrefall, +owl, +owl25 "
                              "or +nopermute")
     return base, flags
 

@@ -259,6 +259,10 @@ class PruneConfig(_Config):
         None, description="DSnoT: refuse a swap that flips the sign of the row's error; unset: as the reference "
         "(off for unstructured, on for N:M).",
     )
+    dsnot_monotone: bool = Field(
+        True, description="DSnoT: refuse a swap that does not lower |error| (ending the row); false: as the "
+        "reference, keep swapping while |error| is above the threshold, overshooting allowed.",
+    )
     dsnot_skip: str | None = Field(
         r"mlp|\.fc\d|experts|moe", description="DSnoT: regex on full module names left unrefined (the reference "
         "refines attention only: --skip_layer mlp); '' refines every target.",

@@ -45,7 +45,8 @@ def initial(method: str, W, stats, sparsity, nm):
     return pruner.prune(W, stats, sparsity, nm)
 
 
-def sequential_dsnot(W, res, stats, nm=None, cycles=50, threshold=0.1 / 2048, var_power=1.0, same_sign=None):
+def sequential_dsnot(W, res, stats, nm=None, cycles=50, threshold=0.1 / 2048, var_power=1.0, same_sign=None,
+                     monotone=True):
     """The algorithm of the docstring, one row and one swap at a time (slow, for comparison)."""
     mu, x_norm = stats.mean, stats.col_sq_norms.sqrt()  # [in], [in]
     var = stats.var  # [in]
@@ -75,7 +76,7 @@ def sequential_dsnot(W, res, stats, nm=None, cycles=50, threshold=0.1 / 2048, va
                 break
             pj = min(cand, key=lambda j: abs(w_hat[j]) * xn[j])
             after = eps - w[gj] * mu_l[gj] + w_hat[pj] * mu_l[pj]
-            if not abs(after) < abs(eps) or (same_sign and not after * sign0 > 0):
+            if (monotone and not abs(after) < abs(eps)) or (same_sign and not after * sign0 > 0):
                 break
             grown.add(gj)
             pruned.add(pj)
@@ -105,15 +106,18 @@ def test_expected_error_never_increases_and_counts_kept(method, sparsity, nm):
             assert (groups == n).all()
 
 
+@pytest.mark.parametrize("monotone", [True, False])
 @pytest.mark.parametrize("same_sign", [None, True, False])
 @pytest.mark.parametrize("sparsity,nm", PATTERNS)
-def test_matches_the_sequential_algorithm(sparsity, nm, same_sign):
+def test_matches_the_sequential_algorithm(sparsity, nm, same_sign, monotone):
     for seed, var_power, cycles in [(0, 1.0, 50), (1, 0.0, 50), (2, 2.0, 3)]:
         W, _, stats = make_inputs(seed, out=24, cols=48)
         res = initial("wanda", W, stats, sparsity, nm)
-        ref = DSnoT(dsnot_cycles=cycles, dsnot_var_power=var_power, dsnot_same_sign=same_sign)
+        ref = DSnoT(dsnot_cycles=cycles, dsnot_var_power=var_power, dsnot_same_sign=same_sign,
+                    dsnot_monotone=monotone)
         got = ref.refine(W, res, stats, sparsity, nm)
-        want = sequential_dsnot(W, res, stats, nm, cycles=cycles, var_power=var_power, same_sign=same_sign)
+        want = sequential_dsnot(W, res, stats, nm, cycles=cycles, var_power=var_power, same_sign=same_sign,
+                                monotone=monotone)
         assert torch.equal(got.M, want)
         if cycles == 3:
             assert ((got.M & ~res.M).sum(1) <= 3).all()
@@ -275,12 +279,12 @@ def test_registration_options_and_errors():
     assert all(o.startswith("dsnot_") and o in params for o in DSnoT.options)
     assert DSnoT.needs == {"sq", "sum"}
     cfg = SimpleNamespace(dsnot_cycles=7, dsnot_threshold=0.0, dsnot_var_power=0.5, dsnot_same_sign=True,
-                          dsnot_skip="")
+                          dsnot_monotone=False, dsnot_skip="")
     r = DSnoT.from_config(cfg)
-    assert (r.cycles, r.threshold, r.var_power, r.same_sign, r.skip) == (7, 0.0, 0.5, True, None)
+    assert (r.cycles, r.threshold, r.var_power, r.same_sign, r.monotone, r.skip) == (7, 0.0, 0.5, True, False, None)
     assert r.applies("model.layers.0.mlp.up_proj")
     d = DSnoT()
-    assert (d.cycles, d.threshold, d.var_power, d.same_sign) == (50, 0.1 / 2048, 1.0, None)
+    assert (d.cycles, d.threshold, d.var_power, d.same_sign, d.monotone) == (50, 0.1 / 2048, 1.0, None, True)
     # the reference refines attention only (--skip_layer mlp)
     assert d.applies("model.layers.3.self_attn.o_proj") and d.applies("transformer.h.0.attn.c_attn")
     for name in ("model.layers.3.mlp.down_proj", "model.decoder.layers.0.fc1", "transformer.h.0.mlp.c_fc",

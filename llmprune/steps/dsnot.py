@@ -48,7 +48,9 @@ Deviations from the reference code:
   (``2048 · μ_j``) and its ``--update_threshold 0.1`` is compared with that sum; the default
   ``dsnot_threshold`` is ``0.1 / 2048`` so the two agree at the reference's sequence length and
   the result no longer depends on ``seqlen``.
-- No swap may increase ``|ε_i|``: a swap with ``|ε_after| ≥ |ε_i|`` is refused (ending the row).
+- With ``dsnot_monotone`` (the default) no swap may increase ``|ε_i|``: a swap with
+  ``|ε_after| ≥ |ε_i|`` is refused (ending the row). ``dsnot_monotone=False`` keeps the reference's
+  rule: a row swaps while ``|ε_i| > δ`` (and, with the sign check, keeps its sign), overshooting allowed.
   In the reference ``--without_same_sign`` is ``type=bool, default=True``, so the unstructured
   branch never checks the sign (any value given on the command line parses as True) and accepts an
   overshooting swap (``ε = 0.5 → −2.6``); its N:M branch always checks the sign, but its pruning
@@ -101,11 +103,12 @@ DEFAULT_SKIP = r"mlp|\.fc\d|experts|moe"  # the reference's --skip_layer mlp (OP
 class DSnoT(Refiner):
     name = "dsnot"
     needs = frozenset({"sq", "sum"})  # ‖X_j‖ (Wanda score, variance) and E[x_j]
-    options = ("dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "dsnot_same_sign", "dsnot_skip")
+    options = ("dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "dsnot_same_sign", "dsnot_monotone",
+               "dsnot_skip")
 
     def __init__(self, dsnot_cycles: int = 50, dsnot_threshold: float = 0.1 / _REFERENCE_SEQLEN,
                  dsnot_var_power: float = 1.0, dsnot_same_sign: bool | None = None,
-                 dsnot_skip: str | None = DEFAULT_SKIP):
+                 dsnot_monotone: bool = True, dsnot_skip: str | None = DEFAULT_SKIP):
         if isinstance(dsnot_cycles, bool) or not isinstance(dsnot_cycles, int) or dsnot_cycles < 0:
             raise ValueError(f"dsnot_cycles must be an integer >= 0 (swaps per row), got {dsnot_cycles!r}")
         if not dsnot_threshold >= 0:
@@ -116,6 +119,7 @@ class DSnoT(Refiner):
         self.threshold = float(dsnot_threshold)
         self.var_power = float(dsnot_var_power)
         self.same_sign = dsnot_same_sign
+        self.monotone = bool(dsnot_monotone)
         self.skip = re.compile(dsnot_skip) if dsnot_skip else None
 
     def applies(self, name: str) -> bool:
@@ -183,8 +187,10 @@ class DSnoT(Refiner):
                 dp.masked_fill_(best.values.isinf() | again, float("nan"))
             after = e.unsqueeze(1) + (dp - dg).cumsum(1)  # [a, K] ε after each swap; NaN from a missing one on
             before = torch.cat((e.unsqueeze(1), after[:, :-1]), 1)  # [a, K]
-            ok = (after.abs() < before.abs()) & (before.abs() > self.threshold)  # [a, K]
+            ok = (before.abs() > self.threshold) & ~after.isnan()  # [a, K] a swap exists, error above δ
             ok &= before * e.unsqueeze(1) > 0  # still on this side
+            if self.monotone:
+                ok &= after.abs() < before.abs()
             if same_sign:
                 ok &= after * e.unsqueeze(1) > 0
             ok &= swaps[act].unsqueeze(1) + steps < self.cycles
