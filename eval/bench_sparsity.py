@@ -15,7 +15,9 @@ deleted. ``--timing-only`` re-measures wall time and memory of configs already i
 
 A config is ``method:S`` (unstructured at sparsity S) or ``method:N:M``, followed by any of
 ``+dsnot`` (refine), ``+dsnotall`` (DSnoT on every target, not attention only), ``+owl``
-(allocation), ``+owl25`` (OWL with λ = 0.25, which lets 2:4 layers move to 1:4 or 3:4) and
+(allocation), ``+owl25`` (OWL with λ = 0.25, which lets 2:4 layers move to 1:4 or 3:4), ``+owlL``
+(OWL with λ = L, e.g. ``+owl0.15``), ``+dsnotref``/``+dsnotrefall`` (DSnoT with the reference's
+non-monotone stopping rule) and
 ``+nopermute`` (RIA N:M without channel permutation). Rows of configs not re-run are kept from the existing results (marked). Also times
 one dense forward of the calibration batch, the yardstick of the observe-only pass (OWL).
 Writes eval/results/sparsity.md and eval/results/sparsity.json.
@@ -76,6 +78,8 @@ def parse(spec: str) -> tuple[str, list[str]]:
             flags += ["--refine", "dsnot", "--no-dsnot-monotone", "--dsnot-skip", ""]
         elif x == "owl25":  # OWL with lambda 0.25: with 2:4, each layer's N in {1, 2, 3}
             flags += ["--allocation", "owl", "--owl-lambda", "0.25"]
+        elif x.startswith("owl") and x[3:].replace(".", "", 1).isdigit():  # +owl0.15: OWL with lambda 0.15
+            flags += ["--allocation", "owl", "--owl-lambda", x[3:]]
         elif x == "nopermute":
             flags += ["--no-ria-permute"]
         else:
