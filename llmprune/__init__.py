@@ -17,6 +17,11 @@ _EXPORTS = {
     "EvalResults": ".evaluation", "evaluate": ".evaluation",
     "PRUNERS": ".pruners", "get_pruner": ".pruners",
     "PruneReport": ".report",
+    "apply_thread_policy": ".threads",
+    "apply_activation_sparsity": ".activation",
+    "MergeReport": ".training", "SparsityError": ".training", "SparsityKeeper": ".training",
+    "merge_and_keep_sparsity": ".training", "unwrap_model": ".training",
+    "compress": ".checkpoint", "decompress": ".checkpoint", "load": ".checkpoint", "push": ".checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -56,6 +56,16 @@ def build_methods(config: PruneConfig):
     return pruner, refiner, allocator
 
 
+def build_steps(config: PruneConfig):
+    """``(reconstructor, compensator)`` of a config (each None when not asked for), built from the registry
+    with their options; they run after the pruner and refinement of every target."""
+    from .registry import lookup
+
+    reconstructor = lookup("reconstruct", config.reconstruct).from_config(config) if config.reconstruct else None
+    compensator = lookup("compensate", config.compensate).from_config(config) if config.compensate else None
+    return reconstructor, compensator
+
+
 def _layer_targets(values: list, n_layers: int, what: str) -> list[LayerTarget]:
     if len(values) != n_layers:
         raise ConfigError(f"{what} gives {len(values)} values but the model has {n_layers} decoder layers; "
@@ -103,7 +113,10 @@ def prune(
     """Prune ``model`` in place and return a :class:`PruneReport`.
 
     ``calibration`` may be a named source or path (overriding ``config.calib``), a LongTensor
-    ``[n, L]``, a list of token lists or a DataLoader; ``overrides`` set config fields, e.g.
+    ``[n, L]``, a list of token lists, any iterable of token batches or of dicts with ``input_ids``, a
+    DataLoader, or a ``datasets.Dataset`` (``input_ids``, or a text column: ``text_field``); see
+    :func:`llmprune.data.get_calibration`. Nothing global is read or changed: two calls in one process
+    give what they give in two processes. ``overrides`` set config fields, e.g.
     ``prune(model, tok, method="wanda", pattern="2:4", refine="dsnot", allocation="owl")``.
     ``residency`` (e.g. a :class:`~llmprune.offload.DiskOffloader`) moves each layer in and out
     of memory around its pruning.
@@ -114,17 +127,23 @@ def prune(
         config = PruneConfig.build({**config, **overrides})
     elif overrides:
         config = PruneConfig.build({**config.model_dump(exclude_unset=True), **overrides})
+    if config.method == "none":  # activation sparsity only (the config requires `activation` then)
+        from .activation.passes import prune_activations_only
+
+        return prune_activations_only(model, tokenizer, config, calibration, progress, residency)
     t0 = time.perf_counter()
     _, layers = find_decoder_layers(model)  # fail on unsupported models before calibration work
     per_layer = (_layer_targets(config.layer_sparsity, len(layers), "layer_sparsity")
                  if config.layer_sparsity is not None else None)
     device = resolve_device(config.device)
     pruner, refiner, allocator = build_methods(config)
-    prune_needs = pruner.needs | (refiner.needs if refiner else frozenset())
+    reconstructor, compensator = build_steps(config)
+    prune_needs = frozenset().union(*(m.needs for m in (pruner, refiner, reconstructor, compensator) if m is not None))
     uniform = LayerTarget(config.target_sparsity, config.nm)
     per_module = {rx: _module_target(v) for rx, v in (config.module_sparsity or {}).items()}
     _check_patterns(model, config, sparsity_map(uniform, per_layer, per_module))
-    if not (prune_needs | (allocator.needs if allocator else frozenset())) and calibration is None:
+    if (not (prune_needs | (allocator.needs if allocator else frozenset())) and calibration is None
+            and config.activation is None):  # activation thresholds are calibrated on data
         # magnitude needs no data: one short window keeps the engine path uniform and cheap
         ids = torch.zeros(1, 1, dtype=torch.long)
         calib = {"source": None, "nsamples": 0, "seqlen": 0, "seed": config.seed}
@@ -140,35 +159,59 @@ def prune(
         per_layer = _layer_targets(allocator.allocate(uniform.sparsity, uniform.nm), len(layers),
                                    f"allocation {config.allocation!r}")
         seconds["observe"] = time.perf_counter() - t1
-    plan = PrunePlan(pruner, sparsity_map(uniform, per_layer, per_module), refiner=refiner, nm=uniform.nm)
+    plan = PrunePlan(pruner, sparsity_map(uniform, per_layer, per_module), refiner=refiner, nm=uniform.nm,
+                     reconstructor=reconstructor, compensator=compensator)
     t2 = time.perf_counter()
     layer_reports = run.prune(plan)
     seconds["prune"] = time.perf_counter() - t2
+    if run.collective is not None:  # several processes: time in collectives (waiting included), bytes sent
+        seconds["communication"] = run.collective.seconds
+        log.info("rank %d: %.1f s and %.1f MB in collectives", run.collective.rank, run.collective.seconds,
+                 run.collective.bytes / 2**20)
     cfg = config.model_dump()
     cfg["target_sparsity"] = config.target_sparsity
     name = config.model or getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
-    return PruneReport(
+    report = PruneReport(
         config=cfg, model=str(name), calibration=calib, layers=layer_reports, seconds=seconds,
         layer_targets=[(t.sparsity, pattern_name(t.nm)) for t in per_layer] if per_layer is not None else None,
         permutations=plan.permutations, execution=run.execution, skipped=dict(run.skipped),
-        nm_search=plan.nm_search,
+        nm_search=plan.nm_search, adapters=plan.adapters, uncompensated=plan.uncompensated,
     )
+    if config.activation is not None:  # thresholds calibrated on the pruned model, installed on it
+        from .activation.passes import add_activation
+
+        add_activation(report, run, config, tokenizer)
+    return report
 
 
 def prune_checkpoint(
-    config: PruneConfig, output: str | Path, overwrite: bool = False, progress: bool = True
+    config: PruneConfig, output: str | Path, overwrite: bool = False, progress: bool = True, resume: bool = False
 ) -> PruneReport:
-    """Load ``config.model`` (or the embedded default), prune it, and save it to ``output``."""
+    """Load ``config.model`` (or the embedded default), prune it, and save it to ``output``.
+
+    Progress is saved after every layer beside ``output`` (:mod:`llmprune.resume`); ``resume`` continues
+    an interrupted run of the same config and model from it."""
     from .data import resolve_data_dir
     from .models import load_model
     from .save import REPORT_FILE, check_output, save_pruned
 
     check_output(output, overwrite)  # bad output or data dir: fail before loading the model
+    from .distributed import setup
+    from .resume import Progress, check_partial, source_folder
+
+    rank, world_size = setup(config.device)  # under torchrun / accelerate launch: one rank of several
+    if world_size > 1 and (resume or config.low_memory):
+        raise ConfigError("--resume and --low-memory are single-process features; launch one process for them")
+    partial = check_partial(output, resume, overwrite)
     resolve_data_dir(config.data_dir)
     if config.eval_settings is not None:
         from .evaluation.evaluate import preflight
 
         preflight(config.eval_settings)
+    from .stream import prune_streaming, should_stream
+
+    if world_size == 1 and should_stream(config):  # --low-memory, or weights larger than the memory available
+        return prune_streaming(config, output, overwrite=overwrite, progress=progress, resume=resume)
     t0 = time.perf_counter()
     model, tokenizer, source = load_model(
         config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
@@ -178,24 +221,37 @@ def prune_checkpoint(
     out = Path(output).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     offload = Path(tempfile.mkdtemp(prefix=f".{out.name}.offload-", dir=out.parent))
+    tracker = None
     try:
         offloader = DiskOffloader(offload)
-        report = prune(model, tokenizer, config, progress=progress, residency=offloader)
+        tracker = Progress(offloader, partial, config, source_folder(source), resume) if world_size == 1 else offloader
+        report = prune(model, tokenizer, config, progress=progress, residency=tracker)
         report.model = config.model or f"embedded:{source}"
         if config.eval_settings is not None:
             from .evaluation import evaluate
 
             t_eval = time.perf_counter()
-            report.evaluation = evaluate(model, tokenizer, config.eval_settings, progress=progress,
-                                         model_name=report.model,
-                                         pruning=report.metadata())
+            from .steps.eora import applied
+
+            with applied(model, report.adapters):  # the sparse base + its low-rank corrections, if any
+                report.evaluation = evaluate(model, tokenizer, config.eval_settings, progress=progress,
+                                             model_name=report.model,
+                                             pruning=report.metadata())
             report.seconds["eval"] = time.perf_counter() - t_eval
         t1 = time.perf_counter()
-        with offloader.paging_out():
-            save_pruned(model, tokenizer, output, report, overwrite=overwrite)
+        if rank == 0:  # one writer; the other ranks hold the same pruned model
+            with offloader.paging_out():
+                save_pruned(model, tokenizer, output, report, overwrite=overwrite)
+        if isinstance(tracker, Progress):
+            tracker.discard()
+    except BaseException:
+        if isinstance(tracker, Progress):
+            tracker.failed()  # progress kept for --resume, an empty folder removed
+        raise
     finally:
         shutil.rmtree(offload, ignore_errors=True)  # mapped pages stay valid until the model is freed
     report.seconds = {"load": t_load, **report.seconds, "save": time.perf_counter() - t1,
                       "total": time.perf_counter() - t0}
-    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")  # with final timings
+    if rank == 0:
+        (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")  # with final timings
     return report

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", metavar="FILE", help="YAML recipe; flags given on the command line override it.")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="Folder to write the pruned model to.")
     p.add_argument("--overwrite", action="store_true", help="Replace --output if it already exists.")
+    p.add_argument("--resume", action="store_true",
+                   help="Continue an interrupted run into the same --output from the progress it saved after each "
+                        "layer (same config and model required); the result equals an uninterrupted run's.")
     add_config_flags(p)
     _add_common(p)
 
@@ -127,12 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(e, EvalConfig)
     add_config_flags(e, PruneConfig, only=("device", "dtype", "trust_remote_code", "allow_pickle"))
     _add_common(e)
+    from .checkpoint.cli import add_parsers
+
+    add_parsers(sub, prune_parser=p)  # push, compress, decompress; prune --push-to-hub
     return parser
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="No progress bars; warnings and errors only.")
     p.add_argument("--verbose", "-v", action="store_true", help="Debug logging.")
+    p.add_argument("--threads", metavar="N", default=None,
+                   help="CPU threads: 'auto' (default: all cores, spinning when the machine is idle, sleeping "
+                   "when shared; see README 'Threads and shared machines'), a positive integer, or 'torch' "
+                   "(torch's own defaults). Environment: LLMPRUNE_THREADS.")
 
 
 def _version() -> str:
@@ -157,12 +167,15 @@ def _cmd_prune(ns: argparse.Namespace) -> int:
     from .api import prune_checkpoint
 
     config = config_from_args(ns)
-    report = prune_checkpoint(config, ns.output, overwrite=ns.overwrite, progress=not ns.quiet)
+    report = prune_checkpoint(config, ns.output, overwrite=ns.overwrite, progress=not ns.quiet, resume=ns.resume)
     print(report.summary())
     if report.evaluation is not None:
         print()
         print(report.evaluation.markdown())
     print(f"\nsaved to {ns.output}")
+    from .checkpoint.cli import push_after_prune
+
+    push_after_prune(ns)
     return 0
 
 
@@ -189,6 +202,10 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     for name in models:
         model, tokenizer, source = load_model(name, dtype=load.dtype, trust_remote_code=load.trust_remote_code,
                                               allow_pickle=load.allow_pickle)
+        from .activation import apply_from_config, installed
+
+        if installed(model) is None:  # activation thresholds the checkpoint records, as llmprune.load installs them
+            apply_from_config(model)
         model.to(device)
         label = name or f"embedded:{source}"
         r = evaluate(model, tokenizer, cfg, progress=not ns.quiet, model_name=label)
@@ -241,6 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     level = logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if ns.command in ("prune", "eval"):  # before torch loads: the OpenMP wait policy is read at import
+        from .threads import ThreadSettingError, apply_thread_policy
+
+        try:
+            apply_thread_policy(ns.threads)
+        except ThreadSettingError as e:
+            print(f"llmprune: error: {e}", file=sys.stderr)
+            return 2
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     if ns.quiet:
@@ -252,10 +277,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .save import OutputExistsError
 
     from .evaluation import DatasetError, TaskError
+    from .checkpoint import LoadError, PushError
+    from .checkpoint.cli import COMMANDS, run
+    from .threads import sync_torch
+
+    sync_torch()  # torch is loaded now: make its thread count match the policy's
 
     try:
+        if ns.command in COMMANDS:
+            return run(ns)
         return _cmd_prune(ns) if ns.command == "prune" else _cmd_eval(ns)
-    except (ConfigError, CalibrationError, ModelLoadError, OutputExistsError, DatasetError, TaskError) as e:
+    except (ConfigError, CalibrationError, ModelLoadError, OutputExistsError, DatasetError, TaskError,
+            LoadError, PushError) as e:
         print(f"llmprune: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:

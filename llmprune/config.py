@@ -155,7 +155,9 @@ class PruneConfig(_Config):
         None, description="Hub id or local folder; None prunes the embedded default SmolLM2-135M-Instruct."
     )
     method: str = Field(
-        "sparsegpt", description="Pruning method: magnitude, wanda, sparsegpt, ria (or any registered pruner)."
+        "sparsegpt", description="Pruning method: magnitude, wanda, sparsegpt, ria, alps (or any registered pruner); "
+        "'none' leaves the weights dense (activation sparsity only, the default when --activation is given "
+        "without --method, --sparsity or --pattern)."
     )
     refine: str | None = Field(
         None, description="Refinement of every pruned mask, e.g. 'dsnot' (DSnoT prune-and-grow); none by default."
@@ -164,6 +166,15 @@ class PruneConfig(_Config):
         None,
         description="Per-layer sparsity allocation from an observe-only pass over the dense model, e.g. 'owl'; "
         "none: every layer gets --sparsity.",
+    )
+    reconstruct: str | None = Field(
+        None, description="Reconstruction of the kept weights with the mask fixed, after the pruner and any "
+        "refinement, e.g. 'admm' (layer-wise least squares: ADMM and/or conjugate gradients on the support); none "
+        "by default.",
+    )
+    compensate: str | None = Field(
+        None, description="Low-rank compensation of each pruned module, saved beside the sparse base as a PEFT LoRA "
+        "adapter, e.g. 'eora' (EoRA: the pruning error's SVD in the eigenspace of the inputs); none by default.",
     )
     sparsity: float | None = Field(
         None,
@@ -209,10 +220,16 @@ class PruneConfig(_Config):
     allow_pickle: bool = Field(
         False, description="Allow loading .bin/.pt (pickle) weights when no safetensors exist."
     )
+    low_memory: bool | None = Field(
+        None, description="Stream the decoder layers from the safetensors shards (meta-device skeleton, each "
+        "layer read when reached and written to the output shards once pruned): peak memory about the "
+        "embeddings plus two layers. None: chosen automatically when the weights do not fit in free memory.",
+    )
     # SparseGPT
     blocksize: int = Field(128, ge=1, description="SparseGPT: columns per lazy-update block.")
     damp: float = Field(
-        0.01, gt=0, lt=1, description="SparseGPT: Hessian damping as a fraction of its mean diagonal."
+        0.01, gt=0, lt=1, description="SparseGPT, ALPS, ADMM reconstruction, EoRA: Hessian damping as a fraction of "
+        "its mean diagonal."
     )
     act_order: bool | None = Field(
         None,
@@ -267,6 +284,43 @@ class PruneConfig(_Config):
         r"mlp|\.fc\d|experts|moe", description="DSnoT: regex on full module names left unrefined (the reference "
         "refines attention only: --skip_layer mlp); '' refines every target.",
     )
+    # ALPS (method: alps)
+    alps_rho: float = Field(
+        0.1, gt=0, description="ALPS: initial ADMM penalty ρ on the normalised Hessian (unit diagonal); the paper's "
+        "schedule raises it by 1.3/1.2/1.1 every 3 iterations while the support still changes.",
+    )
+    alps_iters: int = Field(
+        300, ge=0, description="ALPS: at most this many ADMM iterations (the reference's max_iter); they stop earlier "
+        "once the support no longer changes.",
+    )
+    alps_pcg_iters: int = Field(
+        10, ge=0, description="ALPS: at most this many conjugate-gradient iterations on the final support (the "
+        "reference's 10).",
+    )
+    # ADMM reconstruction (reconstruct: admm)
+    admm_iters: int = Field(
+        0, ge=0, description="ADMM reconstruction: at most this many ADMM iterations (Boža 2024, ρ growing 1.3x "
+        "every 3) before the conjugate gradients; 0: conjugate gradients only, which reach the same layer error "
+        "several times faster (eval/results/reconstruct.md).",
+    )
+    admm_rho: float = Field(
+        1.0, gt=0, description="ADMM reconstruction: initial penalty ρ on the normalised Hessian (unit diagonal).",
+    )
+    admm_pcg_iters: int = Field(
+        30, ge=0, description="ADMM reconstruction: at most this many conjugate-gradient iterations on the support.",
+    )
+    admm_tol: float = Field(
+        1e-3, ge=0, description="ADMM reconstruction: stop when an iteration lowers the layer's reconstruction error "
+        "by less than this fraction of it (ADMM: when ‖V − Z‖/‖Z‖ is below it).",
+    )
+    # EoRA (compensate: eora)
+    rank: int = Field(
+        64, ge=1, description="EoRA: LoRA rank of the correction of every pruned module.",
+    )
+    eora_budget: float | None = Field(
+        None, gt=0, lt=1, description="EoRA: instead of --rank, add this fraction of each module's weights as "
+        "adapter parameters (rank = budget · out · in / (out + in)).",
+    )
     # OWL (allocation: owl)
     owl_m: float = Field(
         5.0, gt=0, description="OWL: a Wanda score |W|·‖X‖ counts as an outlier above owl_m x the mean score "
@@ -275,6 +329,31 @@ class PruneConfig(_Config):
     owl_lambda: float = Field(
         0.08, ge=0, lt=1, description="OWL: every layer's sparsity stays within sparsity ± owl_lambda (the paper's "
         "λ); with N:M a layer's N moves by at most owl_lambda·M, so it needs at least 1/M to change anything.",
+    )
+    # Activation sparsity (llmprune/activation/)
+    activation: Literal["teal", "wina", "cats"] | None = Field(
+        None, description="Activation sparsity: calibrated thresholds that zero small entries of the inputs of the "
+        "decoder layers' linear maps at inference, stored in config.json and applied by llmprune.load. 'teal' |x| "
+        "on every input; 'wina' |x_j|·‖W_:,j‖₂; 'cats' |act(gate(x))| of gated MLPs only. None: dense activations.",
+    )
+    activation_sparsity: float | None = Field(
+        None, description="Activation sparsity: target fraction of zeroed entries, model-wide, weighted by the "
+        "weights each thresholded tensor feeds (cats: of the gated MLPs' activations), in [0, 1); default 0.5.",
+    )
+    activation_allocation: Literal["uniform", "greedy"] = Field(
+        "uniform", description="Activation sparsity per tensor: 'uniform' (every tensor at the target) or 'greedy' "
+        "(TEAL's block-wise greedy: each layer meets the target with the least output error).",
+    )
+    activation_greedy_step: float = Field(
+        0.025, gt=0, lt=1, description="Activation greedy allocation: weighted layer sparsity added per step "
+        "(smaller: finer allocation, more layer forwards).",
+    )
+    activation_holdout: str | None = Field(
+        "wikitext2", description="Activation sparsity: held-out text the reached sparsity is measured on (a perplexity "
+        "dataset or .txt/.jsonl file, never the calibration text); 'none' skips the measurement.",
+    )
+    activation_holdout_windows: int = Field(
+        4, ge=1, description="Activation sparsity: windows of --seqlen tokens of the held-out text measured.",
     )
     # Engine
     sequential: Literal["within-layer", "dense-layer"] = Field(
@@ -297,6 +376,12 @@ class PruneConfig(_Config):
         description="Evaluate the pruned model before saving: 'wikitext2,piqa' (perplexity datasets and "
         "lm-eval tasks, comma-separated); in a recipe, a mapping of evaluation settings.",
     )
+    # How the checkpoint is stored (llmprune/checkpoint)
+    save_format: Literal["dense", "compressed"] = Field(
+        "dense", description="Checkpoint weights: 'dense' (plain safetensors, loads with transformers) or "
+        "'compressed' (kept values + a packed bitmask or N:M indices: 9/16 of the bytes of 16-bit weights at half "
+        "sparsity; loads with llmprune.load, `llmprune decompress` writes a dense copy).",
+    )
 
     @field_validator("eval", mode="before")
     @classmethod
@@ -313,9 +398,56 @@ class PruneConfig(_Config):
     @field_validator("method")
     @classmethod
     def _check_method(cls, v: str) -> str:
-        return _registered("method", v)
+        return v if v == "none" else _registered("method", v)
 
-    @field_validator("refine", "allocation")
+    @model_validator(mode="before")
+    @classmethod
+    def _activation_only(cls, data: Any) -> Any:
+        """``activation`` without a method, sparsity or pattern: activation sparsity only (method none)."""
+        if isinstance(data, dict) and data.get("activation") not in (None, "none", "") and not any(
+                data.get(k) is not None for k in ("method", "sparsity", "pattern")):
+            data = {**data, "method": "none"}
+        if isinstance(data, dict) and data.get("activation") in ("none", ""):
+            data = {**data, "activation": None}
+        return data
+
+    @field_validator("activation_holdout")
+    @classmethod
+    def _holdout_none(cls, v: str | None) -> str | None:
+        return None if v in (None, "none", "") else v
+
+    @field_validator("activation_sparsity")
+    @classmethod
+    def _check_activation_sparsity(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v < 1.0:
+            raise ValueError(f"activation sparsity {v} is out of range; give a fraction in [0, 1), e.g. 0.5")
+        return v
+
+    @model_validator(mode="after")
+    def _check_activation(self) -> PruneConfig:
+        if self.activation is None:
+            stray = sorted(k for k in self.model_fields_set if k.startswith("activation_")
+                           and getattr(self, k) != type(self).model_fields[k].default)  # a full dump repeats defaults
+            if stray:
+                raise ValueError(f"{', '.join(stray)} set but no activation criterion; add --activation teal "
+                                 "(or wina, cats), or remove them")
+            if self.method == "none":
+                raise ValueError("method 'none' prunes nothing and no activation sparsity is asked for; choose a "
+                                 "method (e.g. sparsegpt) or add --activation teal")
+        if self.method == "none":
+            used = [k for k in ("sparsity", "layer_sparsity", "module_sparsity", "refine", "allocation",
+                                "reconstruct", "compensate") if getattr(self, k) is not None]
+            if used or self.pattern != "unstructured":
+                raise ValueError(f"method 'none' leaves the weights dense, but {', '.join(used) or 'pattern'} "
+                                 "prunes them; choose a method (e.g. --method sparsegpt) or remove it")
+        return self
+
+    @property
+    def activation_target(self) -> float:
+        """The model-wide activation sparsity target (0.5 when only the criterion is given)."""
+        return 0.5 if self.activation_sparsity is None else self.activation_sparsity
+
+    @field_validator("refine", "allocation", "reconstruct", "compensate")
     @classmethod
     def _check_step(cls, v: str | None, info) -> str | None:
         return None if v is None or v in ("none", "") else _registered(info.field_name, v)
@@ -438,14 +570,16 @@ class PruneConfig(_Config):
             if owners and not owners & selected:
                 raise ValueError(
                     f"option {name!r} belongs to {', '.join(sorted(owners))}, which this config does not use "
-                    f"(method {self.method!r}, refine {self.refine!r}, allocation {self.allocation!r}); "
+                    f"(method {self.method!r}, refine {self.refine!r}, allocation {self.allocation!r}, reconstruct "
+                    f"{self.reconstruct!r}, compensate {self.compensate!r}); "
                     "remove it or select that method"
                 )
         return self
 
     def selected_methods(self) -> set[str]:
-        """The registered methods this config uses: its pruner, refinement and allocation."""
-        return {x for x in (self.method, self.refine, self.allocation) if x}
+        """The registered methods this config uses: its pruner, refinement, allocation, reconstruction and
+        compensation."""
+        return {x for x in (self.method, self.refine, self.allocation, self.reconstruct, self.compensate) if x}
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -484,9 +618,10 @@ class PruneConfig(_Config):
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {str(path)!r} must be a mapping of config fields, got {type(data).__name__}")
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        if any(k in overrides and overrides[k] != data.get(k) for k in ("method", "refine", "allocation")):
+        steps = ("method", "refine", "allocation", "reconstruct", "compensate")
+        if any(k in overrides and overrides[k] != data.get(k) for k in steps):
             # options of the recipe's methods that the overrides replaced do not apply any more
-            kept = {overrides.get(k, data.get(k)) for k in ("method", "refine", "allocation")} - {None}
+            kept = {overrides.get(k, data.get(k)) for k in steps} - {None}
             for key in [k for k in data if k in option_owners() and not option_owners()[k] & kept]:
                 data.pop(key)
         if "pattern" in overrides and "sparsity" not in overrides and parse_pattern(str(overrides["pattern"])):
@@ -513,11 +648,11 @@ def _registered(kind: str, name: str) -> str:
 
 def option_owners() -> dict[str, set[str]]:
     """Config field -> names of the registered methods that take it as an option."""
-    from .registry import PRUNERS, REFINERS, ALLOCATORS, load_builtins
+    from .registry import _TABLES, load_builtins
 
     load_builtins()
     owners: dict[str, set[str]] = {}
-    for table in (PRUNERS, REFINERS, ALLOCATORS):
+    for table in _TABLES.values():
         for name, cls in table.items():
             for opt in getattr(cls, "options", ()):
                 owners.setdefault(opt, set()).add(name)

@@ -140,6 +140,9 @@ def describe_source(source: Any, data_dir: str | os.PathLike | None = None) -> s
         return f"token lists[{len(source)}]"
     if isinstance(source, torch.utils.data.DataLoader):
         return f"DataLoader({type(source.dataset).__name__})"
+    if _is_hf_dataset(source):
+        rows = f"{len(source)} rows, " if hasattr(source, "__len__") else ""
+        return f"datasets.{type(source).__name__}[{rows}columns {', '.join(source.column_names or [])}]"
     return f"iterable ({type(source).__name__})"
 
 
@@ -229,6 +232,8 @@ def get_calibration(
       DataLoader/iterable of tensors, ``{"input_ids": ...}`` dicts or ``(input_ids, target)`` pairs.
       If the first ``nsamples`` rows are at least ``seqlen`` long, each gives one window at a seeded
       random offset; otherwise all rows are concatenated and cut into consecutive windows.
+    * a ``datasets.Dataset``: with an ``input_ids`` column, rows of pre-tokenized ids as above; otherwise
+      records with ``text_field`` (or chat ``messages``), sampled as documents like C4.
 
     The same ``seed`` gives the same windows. See the module docstring for the sampling and BOS rules.
     """
@@ -241,6 +246,10 @@ def get_calibration(
         source = os.fspath(source)
     if isinstance(source, str):
         out = _from_string(source, tokenizer, nsamples, seqlen, rng, seed, data_dir, text_field, model)
+    elif _is_text_dataset(source):
+        _require_tokenizer(tokenizer, describe_source(source))
+        out = _sample_documents(_dataset_docs(source, text_field, tokenizer, describe_source(source)),
+                                tokenizer, nsamples, seqlen, rng)
     else:
         out = _from_pretokenized(source, nsamples, seqlen, rng)
     return out.to(device="cpu", dtype=torch.long).contiguous()  # [nsamples, seqlen]
@@ -582,6 +591,19 @@ def _dataset_docs(ds: Any, text_field: str, tokenizer: Any, name: str) -> _Docs:
     return _Docs(name=name, n=len(ds), get=get)
 
 
+def _is_hf_dataset(source: Any) -> bool:
+    """A ``datasets.Dataset`` or ``IterableDataset`` (checked without importing ``datasets``)."""
+    return type(source).__module__.startswith("datasets.") and hasattr(source, "column_names")
+
+
+def _is_text_dataset(source: Any) -> bool:
+    """A map-style ``datasets.Dataset`` of text records (no ``input_ids`` column): sampled as documents.
+    One with ``input_ids`` (or a streaming one) is read as pre-tokenized rows."""
+    columns = getattr(source, "column_names", None) or []
+    return (_is_hf_dataset(source) and hasattr(source, "__getitem__") and hasattr(source, "__len__")
+            and "input_ids" not in columns)
+
+
 def _looks_like_path(source: str) -> bool:
     return source.lower().endswith(FILE_SUFFIXES) or source.startswith(("./", "../", "/", "~", ".\\", "..\\"))
 
@@ -684,7 +706,10 @@ def _to_rows(item: Any, what: str) -> list[torch.Tensor]:
     """One item of a pre-tokenized source as 1-D rows of token ids."""
     if isinstance(item, Mapping):
         if "input_ids" not in item:
-            raise CalibrationError(f"{what} is a dict without 'input_ids' (keys: {', '.join(map(str, item))})")
+            raise CalibrationError(
+                f"{what} is a dict without 'input_ids' (keys: {', '.join(map(str, item))}); records of text are "
+                "read from a datasets.Dataset (text column: text_field) or a .jsonl file, or tokenize them first"
+            )
         ids, mask = item["input_ids"], item.get("attention_mask")
         if isinstance(ids, (list, tuple)) and ids and not all(_is_int(t) for t in ids):  # ragged rows
             masks = mask if mask is not None else [None] * len(ids)

@@ -110,6 +110,16 @@ def load_model(
         source = str(local)
         if not (local / "config.json").is_file():
             raise ModelLoadError(f"folder {source!r} has no config.json; is it a Hugging Face checkpoint folder?")
+        from .checkpoint.compressed import is_compressed
+
+        if is_compressed(local):  # llmprune's compressed sparse format: transformers cannot read it
+            from .checkpoint.load import LoadError, load
+
+            try:
+                m = load(local, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+            except LoadError as e:
+                raise ModelLoadError(str(e)) from e
+            return m, AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code), source
     kwargs = dict(dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
     kwargs["use_safetensors"] = None if allow_pickle else True
     try:

@@ -14,7 +14,10 @@ T = TypeVar("T")
 PRUNERS: dict[str, type] = {}
 REFINERS: dict[str, type] = {}
 ALLOCATORS: dict[str, type] = {}
-_TABLES = {"method": PRUNERS, "refine": REFINERS, "allocation": ALLOCATORS}
+RECONSTRUCTORS: dict[str, type] = {}
+COMPENSATORS: dict[str, type] = {}
+_TABLES = {"method": PRUNERS, "refine": REFINERS, "allocation": ALLOCATORS, "reconstruct": RECONSTRUCTORS,
+           "compensate": COMPENSATORS}
 
 
 def _register(table: dict[str, type], cls: T) -> T:
@@ -42,13 +45,24 @@ def register_allocator(cls: T) -> T:
     return _register(ALLOCATORS, cls)
 
 
+def register_reconstructor(cls: T) -> T:
+    """Class decorator: make a :class:`~llmprune.steps.Reconstructor` available as ``reconstruct=cls.name``."""
+    return _register(RECONSTRUCTORS, cls)
+
+
+def register_compensator(cls: T) -> T:
+    """Class decorator: make a :class:`~llmprune.steps.Compensator` available as ``compensate=cls.name``."""
+    return _register(COMPENSATORS, cls)
+
+
 def load_builtins() -> None:
     """Import the built-in methods (they register themselves)."""
     from . import pruners, steps  # noqa: F401
 
 
 def table(kind: str) -> dict[str, type]:
-    """The registered classes of one kind: ``"method"``, ``"refine"`` or ``"allocation"``."""
+    """The registered classes of one kind: ``"method"``, ``"refine"``, ``"allocation"``, ``"reconstruct"``
+    or ``"compensate"``."""
     load_builtins()
     return _TABLES[kind]
 

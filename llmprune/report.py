@@ -25,8 +25,17 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _thread_policy() -> dict[str, Any] | None:
+    from .threads import applied
+
+    return applied()
+
+
 @dataclass
 class PruneReport:
+    """What :func:`llmprune.prune` did: settings, calibration, per-layer and per-module sparsity, error and
+    mask hash, timings; ``summary()`` for the terminal, ``metadata()`` for the checkpoint."""
+
     config: dict[str, Any]
     model: str
     calibration: dict[str, Any]
@@ -39,6 +48,11 @@ class PruneReport:
     execution: str | None = None  # how the engine ran the layers' chunks (lockstep, replay, ...)
     skipped: dict[str, str] = field(default_factory=dict)  # modules left dense by role (routers), and why
     nm_search: dict[str, str] = field(default_factory=dict)  # N:M pattern -> group choice that ran (SparseGPT)
+    adapters: dict[str, Any] = field(default_factory=dict)  # module -> LowRank correction (compensate), see save
+    uncompensated: dict[str, str] = field(default_factory=dict)  # pruned modules left without a correction, and why
+    activation: Any = None  # ActivationResult: calibrated activation thresholds (llmprune/activation), if asked for
+    activation_handle: Any = field(default=None, repr=False)  # the thresholds installed on the model in memory
+    threads: dict[str, Any] | None = field(default_factory=_thread_policy)  # CPU thread policy applied (threads.py)
 
     @property
     def modules(self):
@@ -85,6 +99,45 @@ class PruneReport:
     def pruned_params(self) -> int:
         return sum(m.shape[0] * m.shape[1] for m in self.modules)
 
+    @property
+    def adapter_params(self) -> int:
+        """Parameters of the low-rank corrections (LoRA A and B of every adapted module)."""
+        return sum(lr.params for lr in self.adapters.values())
+
+    def reconstruction_summary(self) -> dict[str, Any] | None:
+        """The reconstruction step's effect: relative output errors before and after, weighted by module size."""
+        mods = [m for m in self.modules if m.reconstruct]
+        if not mods:
+            return None
+        size = [m.shape[0] * m.shape[1] for m in mods]
+        total = sum(size)
+        return {
+            "method": self.config.get("reconstruct"),
+            "modules": len(mods),
+            "mean_error_before": sum(m.reconstruct["error_before"] * w for m, w in zip(mods, size)) / total,
+            "mean_error_after": sum(m.reconstruct["error_after"] * w for m, w in zip(mods, size)) / total,
+            "iterations": sum(m.reconstruct["iterations"] for m in mods),
+        }
+
+    def compensation_summary(self) -> dict[str, Any] | None:
+        """The compensation step: adapter files, ranks, parameters (also as a fraction of the pruned weights)."""
+        if not self.config.get("compensate"):
+            return None
+        from .steps.eora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+        ranks = sorted({lr.rank for lr in self.adapters.values()})
+        return {
+            "method": self.config.get("compensate"),
+            "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS] if self.adapters else [],
+            "modules": len(self.adapters),
+            "ranks": ranks,
+            "adapter_params": self.adapter_params,
+            "adapter_fraction": self.adapter_params / self.pruned_params if self.pruned_params else 0.0,
+            **({"uncompensated": self.uncompensated} if self.uncompensated else {}),
+            "meaning": "a PEFT LoRA adapter beside the sparse base: PeftModel.from_pretrained(base, folder) "
+                       "computes W_sparse x + B A x; merge_and_unload() would make the weights dense",
+        }
+
     def metadata(self) -> dict[str, Any]:
         """The block written into ``config.json`` under ``"llmprune"``."""
         return {
@@ -103,18 +156,24 @@ class PruneReport:
             **({"nm_search": self.nm_search} if self.nm_search else {}),
             "refine": self.config.get("refine"),
             "allocation": self.config.get("allocation"),
+            "reconstruct": self.config.get("reconstruct"),
+            **({"reconstruction": self.reconstruction_summary()} if self.reconstruction_summary() else {}),
+            "compensate": self.config.get("compensate"),
+            **({"compensation": self.compensation_summary()} if self.compensation_summary() else {}),
             **({"layer_sparsity": [{"sparsity": round(s, 6), "pattern": p} for s, p in self.layer_targets]}
                if self.layer_targets is not None else {}),
             "calibration": self.calibration,
             "seed": self.config["seed"],
             "config": self.portable_config,
             "versions": self.versions,
+            **({"threads": self.threads} if self.threads else {}),
             **({"permutations": {
                 "file": PERMUTATIONS_FILE, "modules": len(self.permutations),
                 "meaning": "the N:M groups of these modules are over permuted input channels: W[:, perm] has "
                            "N nonzeros at most in every M consecutive columns; W keeps the original order",
             }} if self.permutations else {}),
             **({"eval": {"file": EVAL_FILE, "metrics": self.evaluation.metrics}} if self.evaluation else {}),
+            **({"activation": self.activation.metadata()} if self.activation is not None else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,6 +196,7 @@ class PruneReport:
                 "pruned_params": self.pruned_params,
                 "seconds": self.seconds,
                 "versions": self.versions,
+                "threads": self.threads,
                 "eval": self.evaluation.metrics if self.evaluation else None,
                 "layer_targets": self.layer_targets,
                 "execution": self.execution,
@@ -144,6 +204,10 @@ class PruneReport:
                 "fallbacks": self.fallbacks,
                 "skipped": self.skipped,
                 "nm_search": self.nm_search,
+                "reconstruction": self.reconstruction_summary(),
+                "compensation": self.compensation_summary(),
+                **({"activation": {**self.activation.metadata(), "holdout": self.activation.holdout,
+                                   "seconds": self.activation.seconds}} if self.activation is not None else {}),
                 "layers": [
                     {"index": layer.index, "seconds": layer.seconds, "error": layer.error,
                      "modules": [asdict(m) for m in layer.modules]}
@@ -173,8 +237,11 @@ class PruneReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         c = self.config
         secs = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+        if c["method"] == "none":  # activation sparsity only: no weight table
+            lines = []
         lines += [
             "",
+            f"model {self.model}: weights left dense (method none)" if c["method"] == "none" else
             f"model {self.model}: {c['method']} {c['pattern']}, measured sparsity {self.sparsity:.4f} "
             f"over {self.pruned_params:,} weights in {len(self.modules)} modules "
             f"({self.decoder_sparsity:.4f} over every weight matrix of the decoder layers)",
@@ -182,6 +249,19 @@ class PruneReport:
             f"{self.calibration.get('seqlen')} tokens, seed {c['seed']}",
             f"time: {secs}",
         ]
+        rec = self.reconstruction_summary()
+        if rec:
+            lines.append(f"reconstruction {rec['method']}: relative output error {rec['mean_error_before']:.4f} -> "
+                         f"{rec['mean_error_after']:.4f} (mean over {rec['modules']} modules, by size)")
+        comp = self.compensation_summary()
+        if comp:
+            lines.append(f"compensation {comp['method']}: {comp['modules']} LoRA corrections, rank "
+                         f"{'/'.join(map(str, comp['ranks'])) or '-'}, {comp['adapter_params']:,} parameters "
+                         f"({comp['adapter_fraction']:.2%} of the pruned weights), saved as a PEFT adapter")
+        if self.activation is not None:
+            from .activation.report import summary_lines
+
+            lines += summary_lines(self.activation)
         if self.skipped:
             lines.append(f"left dense by role: {len(self.skipped)} module(s) (routers and gates), e.g. "
                          f"{next(iter(self.skipped))}; see 'skipped' in the report")

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .report import EVAL_FILE, PERMUTATIONS_FILE, PruneReport
@@ -74,14 +75,21 @@ def _umask_permissions(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~mask)
 
 
-def save_pruned(model, tokenizer, output: str | Path, report: PruneReport, overwrite: bool = False) -> Path:
+def save_pruned(model, tokenizer, output: str | Path, report: PruneReport, overwrite: bool = False,
+                write_model: Callable[[Path], None] | None = None) -> Path:
     """Save weights (safetensors, exact zeros), config with an ``llmprune`` block, tokenizer,
-    generation config, ``llmprune_report.json`` and (if evaluated) ``llmprune_eval.json`` into ``output``."""
+    generation config, ``llmprune_report.json`` and (if evaluated) ``llmprune_eval.json`` into ``output``.
+
+    ``write_model(folder)`` replaces ``model.save_pretrained(folder)`` (weights, config.json, generation
+    config): streamed runs (:mod:`llmprune.stream`) move the shards they already wrote."""
     out = check_output(output, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if write_model is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            write_model(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         cfg_path = tmp / "config.json"
@@ -95,6 +103,14 @@ def save_pruned(model, tokenizer, output: str | Path, report: PruneReport, overw
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in report.permutations.items()}, tmp / PERMUTATIONS_FILE)
+        if report.adapters:  # low-rank corrections: a PEFT LoRA adapter beside the sparse base
+            from .steps.eora import save_adapter
+
+            conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+            save_adapter(tmp, report.adapters, base_model=report.model, fan_in_fan_out=conv1d)
+        from .checkpoint.save import finish_checkpoint
+
+        finish_checkpoint(tmp, report.config.get("save_format", "dense"))  # compressed format, model card
         _umask_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -30,6 +30,8 @@ def test_recipe_loads_and_matches_its_name(path):
     assert cfg.method == method
     assert cfg.allocation == ("owl" if "owl" in steps else None)
     assert cfg.refine == ("dsnot" if "dsnot" in steps else None)
+    assert cfg.reconstruct == ("admm" if "admm" in steps else None)
+    assert cfg.compensate == ("eora" if "eora" in steps else None)
     if m := re.fullmatch(r"(\d+)of(\d+)", shape):
         n, mm = int(m.group(1)), int(m.group(2))
         assert cfg.nm == (n, mm)

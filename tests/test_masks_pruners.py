@@ -206,7 +206,7 @@ def test_pruner_does_not_modify_its_input(method):
 
 
 def test_get_pruner_unknown_method_lists_choices():
-    with pytest.raises(ValueError, match=r"unknown method 'wandaa'; choose one of: magnitude, ria, sparsegpt, wanda"):
+    with pytest.raises(ValueError, match=r"unknown method 'wandaa'; choose one of: alps, magnitude, ria, sparsegpt, wanda"):
         get_pruner("wandaa")
     assert set(PRUNERS) >= {*METHODS, "ria"}
     with pytest.raises(ValueError, match="method 'wanda' takes no option blocksize"):

@@ -214,7 +214,7 @@ def test_cli_unknown_method_exits_2_naming_the_choices(model_dir, tmp_path, caps
     out = tmp_path / "pruned"
     assert main(["prune", str(model_dir), "--method", "wandaa", "--output", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "unknown method 'wandaa'; choose one of: magnitude, ria, sparsegpt, wanda" in err
+    assert "unknown method 'wandaa'; choose one of: alps, magnitude, ria, sparsegpt, wanda" in err
     assert not out.exists()
 
 

@@ -33,6 +33,8 @@ class ModuleReport:
     pattern: str = "unstructured"  # or "N:M" (of consecutive inputs; "N:M permuted": see ``perm``)
     fallback: str | None = None  # why the module was not pruned by the run's method, if it was not
     mask_sha256: str = ""  # of the packed zero pattern of the stored weight ([out, in] row-major)
+    reconstruct: dict | None = None  # reconstruction step: relative error before/after over all tokens, iterations
+    compensate: dict | None = None  # low-rank compensation: rank, adapter parameters, H-weighted error before/after
 
 
 @dataclass
@@ -103,6 +105,7 @@ class LayerWork:
         self.expert_inputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # parked chunks' routing
         self.replay = False  # set while chunks are replayed up to the next target
         self.stop_key: Target | ExpertGroup | None = None  # where the replayed chunks of this pass stopped
+        self.collective = None  # several processes (llmprune.distributed): statistics summed before pruning
 
     @property
     def all_targets(self) -> list[Target]:
@@ -215,6 +218,8 @@ class LayerWork:
             self.prune(key)
 
     def prune(self, t: Target) -> None:
+        if self.collective is not None:  # the statistics of every rank's calibration windows
+            self.collective.reduce_stats(self.stats.get(t.name))
         self.reports[t.name] = self.prune_fn(t, self.stats.get(t.name))
 
     def prune_remaining(self) -> None:

@@ -99,6 +99,11 @@ class SequentialRun:
         self.targets, self.ignore = targets, ignore
         self.progress = progress
         self.residency = residency
+        from ..distributed import Collective
+
+        self.collective = Collective.current()  # None in one process
+        if self.collective is not None:  # this rank's share of the calibration windows
+            input_ids = self.collective.shard(input_ids)
         n, L = input_ids.shape
         self.sequential = sequential
         self.chunks = list(input_ids.split(compute_chunk(L, batch_size, self.device)))
@@ -116,6 +121,11 @@ class SequentialRun:
             len(self.layers), self.layers_name, n, L, len(self.chunks), sequential, self.execution,
         )
         found = [find_targets(layer, "", targets, ignore) for layer in self.layers]
+        if self.collective is not None and any(f.groups or f.skipped for f in found):
+            from ..distributed import DistributedError
+
+            raise DistributedError("models with routed experts cannot be pruned by several processes yet (a rank's "
+                                   "tokens may not reach every expert); run in one process")
         if not any(f.targets or f.groups for f in found):
             raise ValueError(
                 f"no module matched targets={targets!r} ignore={ignore!r} inside the decoder layers; "
@@ -175,6 +185,9 @@ class SequentialRun:
             hidden, calls = self._capture()
             for i in self._bar("observing layers"):
                 layer = self.layers[i]
+                fetch = getattr(self.residency, "fetch", None)
+                if fetch is not None:  # a residency that holds no weights between layers reads them now
+                    fetch(i, layer)
                 home = module_device(layer)
                 layer.to(self.device)
                 tgts, groups = self._targets(i, layer)
@@ -183,6 +196,9 @@ class SequentialRun:
                     for c in range(len(self.chunks)):
                         lw.new_forward()
                         _store_output(hidden, c, calls[c][i](layer, hidden[c]))
+                if self.collective is not None:  # the allocator sees every rank's windows
+                    for t in lw.all_targets:
+                        self.collective.reduce_stats(lw.stats.get(t.name))
                 mods = [ObservedModule(t.name, t.get_weight(), lw.stats[t.name])
                         for t in lw.all_targets if t.name in lw.stats]
                 reducer(i, mods)
@@ -202,12 +218,18 @@ class SequentialRun:
             hidden, calls = self._capture()
             bar = self._bar("pruning layers")
             order: list[str] | None = None  # module call order inside a layer (lockstep)
+            start = 0
+            restore = getattr(residency, "restore", None)
+            if restore is not None:  # a resumed run (llmprune.resume): the layers before `start` are pruned
+                start, order, reports = restore(self, plan, hidden)
             for i in bar:
+                if i < start:
+                    continue
                 t0 = time.perf_counter()
                 layer = self.layers[i]
-                home = module_device(layer)
                 if residency is not None:
                     residency.acquire(i, layer)
+                home = module_device(layer)  # after acquire: a streamed layer is on the meta device before
                 layer.to(device)
                 tgts, groups = self._targets(i, layer)
                 if self.execution == "lockstep" and i == 0:
@@ -218,6 +240,7 @@ class SequentialRun:
                 reuse = self._reuse if i == 0 else None
                 within = self.sequential == "within-layer"
                 with LayerWork(tgts, groups, plan.needs, plan, prune_in_hook=within, reuse=reuse) as lw:
+                    lw.collective = self.collective
                     if not within:  # pass 1: statistics over every chunk with the dense layer
                         for c in range(len(chunks)):
                             lw.new_forward()
@@ -241,6 +264,8 @@ class SequentialRun:
                             _store_output(hidden, c, calls[c][i](layer, hidden[c]))
                     lw.prune_remaining()
                 self._reuse = {}
+                if self.collective is not None:  # every rank pruned every module alike, or stop
+                    self.collective.check_masks(i, {t.name: lw.reports[t.name].mask_sha256 for t in lw.all_targets})
                 weights, zeros = count_zeros(layer)  # while resident: the whole layer, not only its targets
                 layer.to(home)
                 if residency is not None:
@@ -250,6 +275,9 @@ class SequentialRun:
                 rep = LayerReport(i, time.perf_counter() - t0, [lw.reports[t.name] for t in lw.all_targets],
                                   weights, zeros)
                 reports.append(rep)
+                layer_done = getattr(residency, "layer_done", None)
+                if layer_done is not None:  # progress saved for --resume (llmprune.resume)
+                    layer_done(self, plan, i, hidden, order, reports)
                 bar.set_postfix(err=f"{rep.error:.3f}", sec=f"{rep.seconds:.1f}")
                 log.debug("layer %d: %.1fs, mean relative error %.4f", i, rep.seconds, rep.error)
         return reports

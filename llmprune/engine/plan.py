@@ -1,4 +1,5 @@
-"""What a prune pass does to each target: its pruner, its own sparsity, an optional refinement.
+"""What a prune pass does to each target: its pruner, its own sparsity, an optional refinement,
+reconstruction of the kept weights and low-rank compensation.
 
 ``target_of(name)`` gives each target its :class:`~llmprune.steps.LayerTarget` (a fraction, or
 an N:M pattern): one value for all, a user mapping from a recipe, or an allocator's output.
@@ -15,7 +16,7 @@ import torch
 
 from ..pruners import Magnitude, Pruner
 from ..stats import InputStats, relative_error
-from ..steps import LayerTarget, Refiner
+from ..steps import Compensator, LayerTarget, LowRank, Reconstructor, Refiner
 from .layer import ModuleReport
 from .targets import Target
 
@@ -95,10 +96,15 @@ class PrunePlan:
     """Prunes one target at a time: ``plan(target, stats) -> ModuleReport``."""
 
     def __init__(self, pruner: Pruner, target_of: Callable[[str], LayerTarget | float],
-                 refiner: Refiner | None = None, nm: tuple[int, int] | None = None):
+                 refiner: Refiner | None = None, nm: tuple[int, int] | None = None,
+                 reconstructor: Reconstructor | None = None, compensator: Compensator | None = None):
         self.pruner = pruner
         self._target_of = target_of
         self.refiner = refiner
+        self.reconstructor = reconstructor  # after the pruner and the refinement: new kept weights, same mask
+        self.compensator = compensator  # last: a low-rank correction kept beside the sparse weight
+        self.adapters: dict[str, LowRank] = {}  # module -> its correction (compensator)
+        self.uncompensated: dict[str, str] = {}  # pruned modules the compensator could not adapt, and why
         self.nm = nm  # the pattern of targets whose ``target_of`` gives a bare fraction
         # input-channel permutations of N:M results chosen in a permuted order (RIA):
         # W[:, perm] has the N:M pattern in consecutive groups, W itself in general not
@@ -108,7 +114,8 @@ class PrunePlan:
     @property
     def needs(self) -> frozenset[str]:
         """The statistics every target's input must provide."""
-        return self.pruner.needs | (self.refiner.needs if self.refiner is not None else frozenset())
+        return frozenset().union(*(m.needs for m in (self.pruner, self.refiner, self.reconstructor, self.compensator)
+                                   if m is not None))
 
     def target_of(self, name: str) -> LayerTarget:
         t = self._target_of(name)
@@ -117,6 +124,7 @@ class PrunePlan:
     def __call__(self, t: Target, stats: InputStats | None) -> ModuleReport:
         spec = self.target_of(t.name)
         pruner, refiner, fallback = self.pruner, self.refiner, None
+        reconstructor, compensator = self.reconstructor, self.compensator
         if (stats is None or stats.n == 0) and self.needs:
             # e.g. an expert no calibration token was routed to
             fallback = "magnitude: no calibration tokens reached it"
@@ -124,6 +132,7 @@ class PrunePlan:
                         t.name, pruner.name)
         if stats is None or stats.n == 0:
             pruner, refiner, stats = Magnitude(), None, InputStats()
+            reconstructor = compensator = None
         else:
             check_finite_stats(t.name, stats)
         W = t.get_weight()  # [out, in] float32
@@ -133,18 +142,31 @@ class PrunePlan:
         res = pruner.prune(W, stats, spec.sparsity, spec.nm)
         if refiner is not None and spec.sparsity > 0 and refiner.applies(t.name):
             res = refiner.refine(W, res, stats, spec.sparsity, spec.nm)
+        rec = None
+        if reconstructor is not None and spec.sparsity > 0:
+            res, rec = reconstructor.reconstruct(W, res, stats, spec.nm)
         if not all_finite(res.W):
             raise NonFiniteError(
                 f"{t.name}: {pruner.name} produced non-finite weights (the weight or its statistics hold inf/NaN); "
                 "check the model's weights, or prune in float32 (--dtype float32)"
             )
-        t.set_weight(res.W)
+        t.set_weight(res.W.masked_fill(res.W == 0, 0.0))  # W * M leaves -0.0: pruned zeros are stored as +0.0
         pattern = pattern_name(spec.nm)
         perm = getattr(res, "perm", None)
         if spec.nm is not None and perm is not None:
             pattern += " permuted"
             self.permutations[t.name] = perm.to("cpu", torch.int32)  # [in]
         sparsity, mask_sha256 = zero_pattern(t)
+        comp = None
+        if compensator is not None and spec.sparsity > 0:
+            if t.index is None and t.param == "weight":
+                lr = compensator.compensate(W, res.W, stats)
+                if lr is not None:
+                    self.adapters[t.name] = lr
+                    comp = {"rank": lr.rank, "params": lr.params, "error_before": lr.error_before,
+                            "error_after": lr.error_after}
+            else:  # one expert of a fused 3-D parameter: no module for a LoRA pair to attach to
+                self.uncompensated[t.name] = "an expert of a fused expert parameter (no Linear module for LoRA)"
         return ModuleReport(
             name=t.name,
             shape=t.shape,
@@ -155,4 +177,7 @@ class PrunePlan:
             pattern=pattern,
             fallback=fallback,
             mask_sha256=mask_sha256,
+            reconstruct=None if rec is None else {"error_before": rec.error_before, "error_after": rec.error_after,
+                                                  "iterations": rec.iterations},
+            compensate=comp,
         )

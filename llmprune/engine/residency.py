@@ -19,5 +19,9 @@ class LayerResidency(Protocol):
         """Called once the first layer's inputs are captured: the parameters outside ``layers``
         (embeddings, final norm, head) are not read again until every layer is pruned."""
 
+    def fetch(self, index: int, layer: nn.Module) -> None:
+        """Optional: called before an observe-only pass reads layer ``index`` (a residency that keeps
+        no weights between layers, :class:`llmprune.stream.ShardStream`, reads them here)."""
+
     def observed(self, index: int, layer: nn.Module) -> None:
         """Called after an observe-only pass read layer ``index`` without changing it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -68,13 +69,21 @@ def evaluate(
         pruning = getattr(getattr(model, "config", None), "llmprune", None)
     results = EvalResults(model=str(name), settings={**cfg.model_dump(), "seqlen_used": seqlen},
                           pruning=pruning if isinstance(pruning, dict) else None)
+    from ..activation import installed
+
+    thresholds = installed(model)  # activation sparsity: measured on every perplexity text
     for ds in cfg.ppl:
         t0 = time.perf_counter()
-        r = dataset_perplexity(model, tokenizer, ds, seqlen=seqlen, max_windows=cfg.max_windows,
-                               batch_size=cfg.ppl_batch_size, data_dir=cfg.data_dir, progress=progress)
+        with thresholds.measure() if thresholds is not None else contextlib.nullcontext():
+            r = dataset_perplexity(model, tokenizer, ds, seqlen=seqlen, max_windows=cfg.max_windows,
+                                   batch_size=cfg.ppl_batch_size, data_dir=cfg.data_dir, progress=progress)
         key = r.dataset if ds in ("wikitext2", "c4") else Path(ds).stem
         results.metrics[f"{key}/ppl"] = r.ppl
         results.perplexity[key] = r.to_dict()
+        if thresholds is not None:
+            got = thresholds.sparsity()
+            results.metrics[f"{key}/activation_sparsity"] = got["weighted"]
+            results.perplexity[key]["activation_sparsity"] = got
         results.seconds[key] = time.perf_counter() - t0
         log.info("%s: perplexity %.4f (%d windows x %d tokens, %.1fs)", key, r.ppl, r.windows, r.seqlen, r.seconds)
     if cfg.tasks:

@@ -39,6 +39,12 @@ def eval_versions() -> dict[str, str]:
     return out
 
 
+def _thread_policy() -> dict[str, Any] | None:
+    from ..threads import applied
+
+    return applied()
+
+
 @dataclass
 class EvalResults:
     """What an evaluation measured, and exactly how."""
@@ -52,6 +58,7 @@ class EvalResults:
     pruning: dict[str, Any] | None = None  # the checkpoint's "llmprune" metadata, if any
     seconds: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=eval_versions)
+    threads: dict[str, Any] | None = field(default_factory=_thread_policy)  # CPU thread policy applied, if any
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     schema: str = SCHEMA
 
@@ -92,7 +99,8 @@ class EvalResults:
     def from_dict(cls, data: dict[str, Any]) -> EvalResults:
         if data.get("schema") != SCHEMA:
             raise ValueError(f"not an llmprune evaluation result (schema {data.get('schema')!r}, expected {SCHEMA!r})")
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        return cls(**{"threads": None,  # a file without it: not this process's policy
+                      **{k: v for k, v in data.items() if k in cls.__dataclass_fields__}})
 
     @classmethod
     def load(cls, path: str | Path) -> EvalResults:

@@ -1,0 +1,228 @@
+"""Activation sparsity on the embedded model: perplexity, reached sparsity and CPU decode speed.
+
+Protocol (issue 11): embedded SmolLM2-135M-Instruct in float32; thresholds calibrated on 32 x 512 C4
+tokens from the data dir (seed 0); perplexity on WikiText-2 raw test, seqlen 2048, first 16 windows
+(dense 20.60), with the activation sparsity the thresholds reach on those windows (held-out text);
+greedy decode tokens/s of the dense model against the sparse decode path (``sparse_decode=True``).
+
+    LLMPRUNE_DATA_DIR=../shared/data python eval/bench_activation.py --cells teal-uniform-50,teal-greedy-50
+    python eval/bench_activation.py --decode-only          # re-time decode from the saved thresholds
+
+Cells are ``CRITERION-ALLOCATION-PERCENT`` (``teal-uniform-50``) or ``sparsegpt50+teal-uniform-40``;
+results accumulate in ``eval/results/activation.json`` (a cell run again replaces its entry) and
+``eval/results/activation.md`` is rewritten from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "activation.json"
+DEFAULT_CELLS = [f"{c}-{a}-{p}" for p in (50, 40, 25) for c in ("teal", "wina", "cats") for a in ("uniform", "greedy")]
+GREEDY_STEP = 0.05  # coarser than the default 0.025: half the layer forwards on this 2-core machine
+log = logging.getLogger("bench_activation")
+
+
+def parse_cell(cell: str) -> dict:
+    method = None
+    if "+" in cell:
+        head, cell = cell.split("+", 1)
+        method = {"method": head.rstrip("0123456789"), "sparsity": int(head[len(head.rstrip("0123456789")):]) / 100}
+    crit, alloc, pct = cell.split("-")
+    return {"activation": crit, "activation_allocation": alloc, "activation_sparsity": int(pct) / 100,
+            **({"activation_greedy_step": GREEDY_STEP} if alloc == "greedy" else {}), **(method or {})}
+
+
+def load_results(path: Path = RESULTS) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"cells": {}, "decode": {}}
+
+
+def save_results(res: dict, path: Path = RESULTS) -> None:
+    """Write ``res`` to ``path`` (JSON) and its table beside it (``.md``), merged with what is there now:
+    several processes may fill one file, each writing its own cells."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = load_results(path)
+    merged = {**now, **{k: v for k, v in res.items() if k != "cells"},
+              "cells": {**now.get("cells", {}), **res.get("cells", {})}}
+    if not res.get("decode") and now.get("decode"):
+        merged["decode"] = now["decode"]
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    path.with_suffix(".md").write_text(markdown(merged))
+
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cores (shared with other jobs), torch {torch.__version__}"
+
+
+def run_cell(cell: str, data_dir: str, windows: int) -> dict:
+    import llmprune
+    from llmprune.models import load_model
+
+    model, tok, _ = load_model(None, dtype="float32")
+    settings = parse_cell(cell)
+    t0 = time.perf_counter()
+    report = llmprune.prune(model, tok, calib="c4", nsamples=32, seqlen=512, seed=0, data_dir=data_dir,
+                            activation_holdout=None, progress=False, **settings)
+    t_prune = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    ev = llmprune.evaluate(model, tok, ppl=["wikitext2"], seqlen=2048, max_windows=windows, data_dir=data_dir,
+                           progress=False)
+    meta = report.metadata()["activation"]
+    return {
+        "settings": settings, "ppl": ev.metrics["wikitext2/ppl"],
+        "wikitext2_sparsity": ev.metrics["wikitext2/activation_sparsity"],
+        "wikitext2_entries": ev.perplexity["wikitext2"]["activation_sparsity"]["entries"],
+        "calibration_sparsity": meta["calibration_sparsity"], "weight_sparsity": report.sparsity,
+        "seconds_prune": t_prune, "seconds_eval": time.perf_counter() - t1, "activation": meta,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def run_dense(data_dir: str, windows: int) -> dict:
+    import llmprune
+    from llmprune.models import load_model
+
+    model, tok, _ = load_model(None, dtype="float32")
+    ev = llmprune.evaluate(model, tok, ppl=["wikitext2"], seqlen=2048, max_windows=windows, data_dir=data_dir,
+                           progress=False)
+    return {"ppl": ev.metrics["wikitext2/ppl"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def quick_thresholds(model, tok, pct: int, data_dir: str, windows: int) -> tuple[dict, str]:
+    """Teal-uniform thresholds at ``pct`` % from ``windows`` x 512 C4 tokens (for decode timing only)."""
+    import llmprune
+
+    report = llmprune.prune(model, tok, calib="c4", nsamples=windows, seqlen=512, seed=0, data_dir=data_dir,
+                            activation="teal", activation_sparsity=pct / 100, activation_holdout=None,
+                            progress=False)
+    report.activation_handle.remove()
+    return report.metadata()["activation"], f"timing-only calibration on {windows} x 512 C4 tokens"
+
+
+def decode(res: dict, data_dir: str, new_tokens: int, repeats: int, decode_calib: int = 4) -> dict:
+    """Greedy decode tokens/s: dense model, then each teal-uniform level's thresholds on the sparse path."""
+    from llmprune.activation import apply_activation_sparsity
+    from llmprune.evaluation.perplexity import load_text, tokenize_once
+    from llmprune.models import load_model
+
+    model, tok, _ = load_model(None, dtype="float32")
+    ids = tokenize_once(tok, load_text("wikitext2", data_dir).text)[:64][None]  # [1, 64] prompt
+
+    def timed() -> tuple[float, list[int]]:
+        best, out = float("inf"), None
+        for _ in range(repeats):
+            t = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                     pad_token_id=tok.eos_token_id)
+            best = min(best, time.perf_counter() - t)
+        return new_tokens / best, out[0, ids.shape[1]:].tolist()
+
+    dense_tps, _ = timed()
+    out = {"dense_tokens_per_s": dense_tps, "new_tokens": new_tokens, "prompt": int(ids.shape[1]),
+           "threads": torch.get_num_threads(), "machine": machine(),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "levels": {}}
+    for pct in (25, 40, 50):
+        cell = res["cells"].get(f"teal-uniform-{pct}")
+        source = f"teal-uniform-{pct} cell (32 x 512 C4)"
+        if cell is None:  # thresholds for timing only, from a small calibration (decode speed depends on the level)
+            thresholds, source = quick_thresholds(model, tok, pct, data_dir, decode_calib)
+        else:
+            thresholds = cell["activation"]
+        h = apply_activation_sparsity(model, thresholds)
+        _, ref_tokens = timed()
+        h.remove()
+        h = apply_activation_sparsity(model, thresholds, sparse_decode=True)
+        tps, tokens = timed()
+        h.remove()
+        out["levels"][str(pct)] = {"tokens_per_s": tps, "ratio": tps / dense_tps, "same_tokens": tokens == ref_tokens,
+                                   "thresholds": source}
+        log.info("decode at %d %%: %.2f tok/s (dense %.2f), x%.2f, same tokens %s", pct, tps, dense_tps,
+                 tps / dense_tps, tokens == ref_tokens)
+    return out
+
+
+def markdown(res: dict) -> str:
+    dense = res.get("dense", {}).get("ppl")
+    ref = dense or 20.6015  # eval/results/eval.md, same protocol, when not re-measured
+    lines = [
+        "# Activation sparsity (issue 11)",
+        "",
+        "Command: `LLMPRUNE_DATA_DIR=../shared/data nice -n 10 python eval/bench_activation.py --cells ...` "
+        "(`--decode-only` re-times decode). Protocol: embedded SmolLM2-135M-Instruct, float32; thresholds "
+        "calibrated on 32 x 512 C4 tokens (data dir, seed 0) after any weight pruning of the same run; WikiText-2 "
+        "raw test, seqlen 2048, first 16 windows; 'WikiText-2 sparsity' is what the thresholds reach on those "
+        "windows (held-out text), weighted by the weights each thresholded tensor feeds (cats: the gated MLP "
+        "activation only).",
+        f"Machine: {res.get('decode', {}).get('machine') or machine()}.",
+        "",
+        f"Dense perplexity: {dense:.2f}" if dense else "Dense perplexity: not re-measured here; 20.60 in "
+        "eval/results/eval.md (same protocol); ratios below use it",
+        "",
+        "| config | weight sparsity | activation target | ppl | x dense | WikiText-2 sparsity | calibration sparsity "
+        "| prune+calib (s) | date |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in res["cells"].items():
+        s = c["settings"]
+        ratio = f"{c['ppl'] / ref:.3f}"
+        lines.append(f"| {name} | {c.get('weight_sparsity', 0.0):.2f} | {s['activation_sparsity']:.2f} | "
+                     f"{c['ppl']:.2f} | {ratio} | "
+                     f"{c['wikitext2_sparsity']:.4f} | {c['calibration_sparsity']:.4f} | {c['seconds_prune']:.0f} | "
+                     f"{c['date']} |")
+    d = res.get("decode") or {}
+    if d.get("levels"):
+        lines += ["", f"Greedy decode ({d['new_tokens']} new tokens after a {d['prompt']}-token WikiText-2 prompt, "
+                      f"batch 1, {d['threads']} threads, best of repeats; {d['date']}; the machine was shared, so "
+                      "ratios are indicative): dense "
+                      f"{d['dense_tokens_per_s']:.2f} tokens/s.", "",
+                  "| teal uniform | tokens/s (sparse decode) | ratio | same tokens as dense-with-thresholds | thresholds |",
+                  "|---|---|---|---|---|"]
+        for pct, lv in d["levels"].items():
+            lines.append(f"| {pct} % | {lv['tokens_per_s']:.2f} | {lv['ratio']:.2f}x | {lv['same_tokens']} | "
+                         f"{lv.get('thresholds', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", default=",".join(DEFAULT_CELLS), help="comma-separated cells (see above)")
+    ap.add_argument("--data-dir", default=os.environ.get("LLMPRUNE_DATA_DIR", str(HERE.parent.parent / "shared/data")))
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="JSON results file (the .md table goes beside it)")
+    ap.add_argument("--dense", action="store_true", help="also measure the dense perplexity")
+    ap.add_argument("--decode", action="store_true", help="also time decode after the cells")
+    ap.add_argument("--decode-only", action="store_true", help="only time decode, from the saved thresholds")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-calib", type=int, default=4,
+                    help="windows of a timing-only calibration for levels whose teal-uniform cell is missing")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    res = load_results(args.results)
+    if not args.decode_only:
+        if args.dense:
+            res["dense"] = run_dense(args.data_dir, args.windows)
+            save_results(res, args.results)
+        for cell in filter(None, args.cells.split(",")):
+            log.info("cell %s", cell)
+            res["cells"][cell] = run_cell(cell, args.data_dir, args.windows)
+            log.info("cell %s: ppl %.3f, WikiText-2 sparsity %.4f", cell, res["cells"][cell]["ppl"],
+                     res["cells"][cell]["wikitext2_sparsity"])
+            save_results(res, args.results)
+    if args.decode or args.decode_only:
+        res["decode"] = decode(res, args.data_dir, args.new_tokens, args.repeats, args.decode_calib)
+        save_results(res, args.results)
+
+
+if __name__ == "__main__":
+    main()

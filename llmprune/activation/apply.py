@@ -1,0 +1,352 @@
+"""Installing calibrated activation thresholds on a model, and taking them off again.
+
+A threshold is data (a number per tensor, see :mod:`.criteria`); it is applied by a small module,
+:class:`ActivationThreshold`, registered as a forward pre-hook on the modules that read the
+tensor (or as a forward hook on the activation module, for CATS). No ``forward`` is patched and
+no parameter is renamed, so ``state_dict``, ``save_pretrained`` and every evaluation run unchanged;
+:meth:`ActivationSparsity.remove` takes the hooks off and the model computes its dense outputs
+again, bit for bit.
+
+Modules fed the very same tensor (q/k/v, gate/up) share one threshold: the first of them to run
+computes the sparse tensor and the others reuse it (same object in, same object out), so the
+mask is computed once per tensor.
+
+``sparse_decode=True`` (CPU, batch-1 decode): every thresholded ``nn.Linear`` / GPT-2 ``Conv1D``
+gets its weight stored transposed (``W^T [in, out]``, rows contiguous; the Parameter keeps its
+shape and name, ``weight.data`` becomes a transposed view) and a :class:`SparseDecodeLinear`
+computes ``y = Σ_{j: x_j ≠ 0} x_j W^T[j]`` for a single token with one ``embedding_bag`` (a
+gather-and-sum over the surviving rows that never materialises them): only the columns of ``W``
+whose inputs survive are read. Prefill and batched calls take the dense path (``F.linear`` on the
+transposed view: the same GEMM). ``remove`` puts the weights back in their own layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .criteria import CRITERIA, column_norms, reader_weights
+
+log = logging.getLogger(__name__)
+
+SITES = ("input", "output")  # thresholded tensor: a module's input (pre-hook) or its output (CATS act_fn)
+
+
+@dataclass
+class ThresholdSpec:
+    """One thresholded tensor: the modules that read it and its threshold.
+
+    ``members`` are full module names; with ``site == "input"`` the tensor is their common input, with
+    ``site == "output"`` (CATS) the output of the single member (the MLP's activation module).
+    ``threshold`` is on the criterion's score: ``|x|`` (teal, cats) or ``|x_j|·‖W_:,j‖₂`` (wina).
+    """
+
+    name: str  # the group's name: its first member
+    members: list[str]
+    threshold: float
+    site: str = "input"
+    target: float | None = None  # sparsity the threshold was chosen for
+    calibration: float | None = None  # sparsity it reached on the calibration tokens
+    measured: float | None = None  # sparsity measured on held-out text
+    weights: int = 0  # weights this tensor feeds (what its zeros spare reading)
+
+
+class ActivationThreshold(nn.Module):
+    """Zeroes the entries of a tensor whose score is below the threshold.
+
+    ``per_feature`` (WINA) holds ``t / ‖W_:,j‖₂`` for every input feature ``j``: ``|x_j| ≥ t_j`` is
+    ``|x_j|·‖W_:,j‖₂ ≥ t`` without a product at run time. The comparison runs in the tensor's own
+    dtype and device (float32, bfloat16, float16; CPU or CUDA), on any leading shape (batch,
+    padding, prefill or one decode token): thresholds are per entry, never across tokens.
+    """
+
+    def __init__(self, spec: ThresholdSpec, per_feature: torch.Tensor | None = None):
+        super().__init__()
+        self.spec = spec
+        self.threshold = float(spec.threshold)
+        self.register_buffer("per_feature", per_feature, persistent=False)  # [in] or None
+        self._cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._last_in: weakref.ref | None = None
+        self._last_out: torch.Tensor | None = None
+        self._uses = 0
+        self.measuring = False
+        self.zeros = 0
+        self.total = 0
+
+    def _feature_thresholds(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        t = self._cast.get(key)
+        if t is None:
+            t = self._cast[key] = self.per_feature.to(device=x.device, dtype=x.dtype)
+        return t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_feature is None:
+            keep = x.abs() >= self.threshold
+        else:
+            keep = x.abs() >= self._feature_thresholds(x)
+        y = x * keep  # exact zeros; NaN/inf inputs are not hidden behind a fill
+        if self.measuring:
+            self.zeros += int((y == 0).sum())
+            self.total += y.numel()
+        return y
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The sparse tensor for ``x``, computed once for all the members reading the same ``x``."""
+        last = self._last_in() if self._last_in is not None else None
+        if last is x and self._last_out is not None:
+            out = self._last_out
+        else:
+            out = self(x)
+            self._last_in, self._last_out, self._uses = weakref.ref(x), out, 0
+        self._uses += 1
+        if self._uses >= len(self.spec.members):  # every member has read it: do not keep it alive
+            self._last_in, self._last_out = None, None
+        return out
+
+
+class SparseDecodeLinear(nn.Module):
+    """A linear map that, for one token, reads only the rows of ``W^T`` whose inputs are nonzero.
+
+    Holds the original module's ``weight`` and ``bias`` Parameters under the same names (the
+    ``state_dict`` keys do not change); ``weight.data`` is a transposed view of a contiguous
+    ``W^T [in, out]``. CPU only: on other devices every call is the dense ``F.linear``.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores W^T [in, out] already
+        self.original = [module]  # not a submodule: restored by remove()
+        self.weight = module.weight
+        self.bias = module.bias
+        if not self.conv1d:
+            self.weight.data = self.weight.data.t().contiguous().t()  # [out, in] view of W^T [in, out]
+        self.in_features = self.weight.shape[0 if self.conv1d else 1]
+        self._offsets = torch.zeros(1, dtype=torch.long)
+
+    def _WT(self) -> torch.Tensor:
+        return self.weight if self.conv1d else self.weight.t()  # [in, out], contiguous
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.device.type == "cpu" and not x.requires_grad:
+            v = x.reshape(-1)  # [in]
+            idx = v.nonzero().squeeze(1)  # [k] surviving inputs
+            y = F.embedding_bag(idx, self._WT(), self._offsets, mode="sum",
+                                per_sample_weights=v.index_select(0, idx).to(self.weight.dtype))  # [1, out]
+            if self.bias is not None:
+                y = y + self.bias
+            return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+        if self.conv1d:
+            out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight) if self.bias is not None \
+                else x.reshape(-1, x.shape[-1]) @ self.weight
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+        return F.linear(x, self.weight, self.bias)
+
+    def restore(self) -> nn.Module:
+        module = self.original[0]
+        if not self.conv1d:
+            self.weight.data = self.weight.data.contiguous()
+        return module
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@dataclass
+class ActivationSparsity:
+    """The thresholds installed on a model (what :func:`apply_activation_sparsity` returns).
+
+    ``remove()`` takes them off (the model's dense outputs come back exactly); ``measure()`` is a
+    context in which every thresholded tensor counts its zeros, read back by :meth:`sparsity`.
+    """
+
+    model: nn.Module
+    criterion: str
+    specs: list[ThresholdSpec]
+    modules: list[ActivationThreshold] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
+    swapped: dict[str, SparseDecodeLinear] = field(default_factory=dict)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for name, wrapper in self.swapped.items():
+            _set_module(self.model, name, wrapper.restore())
+        self.swapped.clear()
+        if getattr(self.model, "_llmprune_activation", None) is self:
+            del self.model._llmprune_activation
+
+    def __enter__(self) -> ActivationSparsity:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[None]:
+        """Count zeros of every thresholded tensor while inside (counters reset on entry)."""
+        for m in self.modules:
+            m.measuring, m.zeros, m.total = True, 0, 0
+        try:
+            yield
+        finally:
+            for m in self.modules:
+                m.measuring = False
+
+    def sparsity(self) -> dict[str, Any]:
+        """Measured sparsity of each thresholded tensor (by group name) and model-wide: over entries
+        (``entries``) and weighted by the weights each tensor feeds (``weighted``, the share of the
+        thresholded modules' weight reads skipped)."""
+        per = {m.spec.name: m.zeros / m.total for m in self.modules if m.total}
+        ents = sum(m.total for m in self.modules)
+        w = sum(m.spec.weights for m in self.modules if m.total)
+        return {
+            "tensors": per,
+            "entries": sum(m.zeros for m in self.modules) / ents if ents else None,
+            "weighted": sum(per[m.spec.name] * m.spec.weights for m in self.modules if m.total) / w if w else None,
+        }
+
+
+def parse_thresholds(thresholds: Mapping[str, Any]) -> tuple[str, list[ThresholdSpec]]:
+    """``(criterion, specs)`` from the ``"activation"`` metadata block of a checkpoint (or a report).
+
+    Accepts ``{"criterion": ..., "thresholds": {module: {"threshold", "group", "site", ...}}}``; a
+    module whose entry names another ``group`` shares that group's tensor.
+    """
+    if "thresholds" not in thresholds or "criterion" not in thresholds:
+        raise ValueError("activation thresholds need 'criterion' and 'thresholds' (module -> entry), as written "
+                         f"under config.json's llmprune.activation; got keys {sorted(thresholds)}")
+    criterion = thresholds["criterion"]
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown activation criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
+    groups: dict[str, ThresholdSpec] = {}
+    for module, entry in thresholds["thresholds"].items():
+        if not isinstance(entry, Mapping):
+            entry = {"threshold": entry}
+        group = entry.get("group", module)
+        site = entry.get("site", "input")
+        if site not in SITES:
+            raise ValueError(f"threshold of {module} has site {site!r}; choose one of: {', '.join(SITES)}")
+        spec = groups.get(group)
+        if spec is None:
+            spec = groups[group] = ThresholdSpec(group, [], float(entry["threshold"]), site, entry.get("target"),
+                                                 entry.get("calibration"), entry.get("measured"),
+                                                 int(entry.get("weights", 0)))
+        spec.members.append(module)
+    return criterion, list(groups.values())
+
+
+def _per_feature(model: nn.Module, spec: ThresholdSpec, criterion: str) -> torch.Tensor | None:
+    if criterion != "wina":
+        return None
+    norms = column_norms([reader_weights(model.get_submodule(n)) for n in spec.members])  # [in]
+    # a dead input column (norm 0) is never kept: its entries change nothing
+    return torch.where(norms > 0, spec.threshold / norms.clamp_min(1e-30), torch.full_like(norms, float("inf")))
+
+
+def install(model: nn.Module, criterion: str, specs: list[ThresholdSpec],
+            sparse_decode: bool = False) -> ActivationSparsity:
+    """Register one :class:`ActivationThreshold` per spec on ``model`` (see :func:`apply_activation_sparsity`)."""
+    existing = getattr(model, "_llmprune_activation", None)
+    if existing is not None:
+        raise RuntimeError("activation thresholds are already installed on this model; call .remove() on the "
+                           "handle apply_activation_sparsity returned before installing others")
+    handle = ActivationSparsity(model, criterion, specs)
+    names = dict(model.named_modules())
+    try:
+        for spec in specs:
+            missing = [n for n in spec.members if n not in names]
+            if missing:
+                raise ValueError(f"activation threshold for {missing[0]}: no such module in {type(model).__name__}; "
+                                 "the thresholds belong to another architecture or naming")
+            mod = ActivationThreshold(spec, _per_feature(model, spec, criterion))
+            handle.modules.append(mod)
+            for member in spec.members:
+                target = names[member]
+                if sparse_decode and spec.site == "input" and (
+                        isinstance(target, nn.Linear) or type(target).__name__ == "Conv1D"):
+                    wrapper = SparseDecodeLinear(target)
+                    _set_module(model, member, wrapper)
+                    handle.swapped[member] = wrapper
+                    target = wrapper
+                handle.handles.append(_register(target, mod, spec.site))
+                if sparse_decode and spec.site == "output":  # CATS: down_proj reads the zeros of act * up
+                    parent = member.rpartition(".")[0]
+                    down = f"{parent}.down_proj" if parent else "down_proj"
+                    if isinstance(names.get(down), nn.Linear) and down not in handle.swapped:
+                        handle.swapped[down] = SparseDecodeLinear(names[down])
+                        _set_module(model, down, handle.swapped[down])
+    except BaseException:
+        handle.remove()
+        raise
+    model._llmprune_activation = handle
+    return handle
+
+
+def _register(module: nn.Module, thr: ActivationThreshold, site: str):
+    if site == "output":
+        return module.register_forward_hook(lambda mod, args, out: thr(out))
+
+    def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if args:
+            return (thr.shared(args[0]), *args[1:]), kwargs
+        if "hidden_states" in kwargs:  # fused experts called by keyword
+            return args, {**kwargs, "hidden_states": thr.shared(kwargs["hidden_states"])}
+        return None
+
+    return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def apply_activation_sparsity(model: nn.Module, thresholds: Mapping[str, Any],
+                              sparse_decode: bool = False) -> ActivationSparsity:
+    """Install calibrated activation thresholds on ``model``; returns a handle whose ``remove()`` undoes it.
+
+    ``thresholds`` is the ``"activation"`` block of a checkpoint's ``llmprune`` metadata (or of
+    :meth:`PruneReport.metadata`): the criterion and, per module, the threshold and the group of
+    modules sharing its input. ``sparse_decode`` (CPU) stores the thresholded weights transposed and
+    computes batch-1 decode steps from the surviving input rows only (see the module docstring).
+    """
+    criterion, specs = parse_thresholds(thresholds)
+    handle = install(model, criterion, specs, sparse_decode=sparse_decode)
+    log.info("activation sparsity (%s) installed on %d tensors%s", criterion, len(specs),
+             ", sparse decode" if sparse_decode else "")
+    return handle
+
+
+def apply_from_config(model: nn.Module, sparse_decode: bool = False) -> ActivationSparsity | None:
+    """Install the thresholds a loaded checkpoint's ``config.json`` carries (``llmprune.activation``);
+    None when it has none. This is what ``llmprune.load`` calls."""
+    meta = getattr(getattr(model, "config", None), "llmprune", None)
+    block = meta.get("activation") if isinstance(meta, Mapping) else None
+    if not block:
+        return None
+    return apply_activation_sparsity(model, block, sparse_decode=sparse_decode)
+
+
+def installed(model: nn.Module) -> ActivationSparsity | None:
+    """The thresholds installed on ``model``, if any."""
+    return getattr(model, "_llmprune_activation", None)
+
+
+def use_sparse_decode(model: nn.Module) -> ActivationSparsity:
+    """Re-install the thresholds on ``model`` with the sparse decode path (``llmprune.load(sparse_decode=True)``)."""
+    handle = installed(model)
+    if handle is None:
+        raise ValueError("sparse_decode needs activation thresholds, and this model has none (its config.json has "
+                         "no llmprune.activation block); prune with --activation teal, or load without sparse_decode")
+    if handle.swapped:
+        return handle
+    handle.remove()
+    return install(model, handle.criterion, handle.specs, sparse_decode=True)

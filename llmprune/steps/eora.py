@@ -1,0 +1,188 @@
+"""EoRA: training-free compensation of a compressed model by a low-rank correction in the eigenspace
+of the input activations (Liu et al., NVIDIA 2024, "EoRA: Fine-tuning-free Compensation for Compressed
+LLM with Eigenspace Low-Rank Approximation", arXiv:2410.21271).
+
+Per pruned module, the pruning error ``ΔW = W − Ŵ [out, in]`` is approximated at rank ``r`` in the
+norm that matters for the outputs, ``‖ΔW X‖_F`` (``H = XᵀX``), not in the plain Frobenius norm:
+with ``H = Q Λ Qᵀ`` the paper projects ``ΔW' = ΔW Q'`` (``Q' = Q √Λ``), truncates the SVD
+``ΔW' ≈ U_r Σ_r V_rᵀ`` and projects back: ``B = U_r Σ_r [out, r]``, ``A = V_rᵀ Q'⁻¹ [r, in]``, so
+``W ≈ Ŵ + B A`` — a LoRA pair with scale 1 (``lora_alpha = r``).
+
+Any square root of ``H`` gives the same ``B`` and ``A``: with the Cholesky factor ``H = L Lᵀ``,
+``Q' = L O`` for an orthogonal ``O``, the singular values of ``ΔW L`` are those of ``ΔW Q'`` and
+``V_rᵀ Q'⁻¹ = V_rᵀ L⁻¹`` after the rotation. This step uses the Cholesky factor (a sixth of the
+flops of an eigendecomposition, measured 0.1 s against 0.6-2.8 s for 1536 inputs on the 2-core CPU);
+the result is the paper's, as the tests check against the eigendecomposition form.
+
+The rank: ``rank`` per module, or ``eora_budget``, a fraction of each module's weights added as
+adapter parameters (``r = round(budget · out · in / (out + in))``, so every module adds the same
+fraction and the whole adapter adds ``budget`` of the pruned weights).
+
+The adapters are saved beside the sparse base as a standard PEFT LoRA adapter
+(:func:`save_adapter`: ``adapter_config.json`` + ``adapter_model.safetensors``); evaluation after
+pruning runs the base with the corrections added (:func:`applied`).
+
+Deviations from the paper: ``H`` is damped (``+ λI``, ``λ`` = ``damp`` × the mean diagonal, as the
+pruners), which keeps the factor defined for inputs that never fire; the statistics of each module
+are those of the pruned model *without* the corrections of the modules before it (the engine
+prunes layer by layer and does not run the adapters during calibration).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..registry import register_compensator
+from ..stats import InputStats
+from .base import Compensator, LowRank
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@register_compensator
+class EoRA(Compensator):
+    name = "eora"
+    needs = frozenset({"hessian"})
+    options = ("damp", "rank", "eora_budget")
+
+    def __init__(self, damp: float = 0.01, rank: int = 64, eora_budget: float | None = None):
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1 (the LoRA rank of every module), got {rank!r}")
+        if eora_budget is not None and not 0 < eora_budget < 1:
+            raise ValueError(f"eora_budget must be a fraction in (0, 1) of each module's weights, got {eora_budget!r}")
+        if not 0 <= damp < 1:
+            raise ValueError(f"damp must be in [0, 1) (a fraction of the mean Hessian diagonal), got {damp!r}")
+        self.damp = float(damp)
+        self.rank = rank
+        self.budget = eora_budget
+
+    def rank_of(self, out: int, cols: int) -> int:
+        """The rank of an ``[out, in]`` module: ``rank``, or the budget's share of its weights."""
+        r = self.rank if self.budget is None else round(self.budget * out * cols / (out + cols))
+        return max(1, min(r, out, cols))
+
+    def factor(self, stats: InputStats) -> torch.Tensor:
+        """Lower Cholesky factor ``L [in, in]`` of ``H/n + λI``, once per input (q/k/v share it)."""
+        key = ("eora", self.damp, stats.n)
+        hit = stats.cache.get(key)
+        if hit is not None:
+            return hit
+        if stats.H is None:
+            raise ValueError("EoRA needs the layer Hessian; accumulate statistics with needs={'hessian'}")
+        H = stats.H.float() / max(stats.n, 1)  # [in, in]
+        diag = torch.diagonal(H)
+        live = diag > 0
+        lam = self.damp * float(diag[live].mean()) if bool(live.any()) else 1.0
+        Hd = H.clone()  # [in, in]
+        Hd.diagonal().add_(max(lam, 1e-12 * float(diag.max().clamp_min(1.0))))
+        Hd.diagonal()[~live] = max(lam, 1e-12)  # inputs never active: any direction, no output error
+        for attempt in range(4):
+            L, info = torch.linalg.cholesky_ex(Hd)  # [in, in]
+            if int(info) == 0:
+                break
+            bump = (10 ** attempt) * 1e-6 * float(diag.mean().clamp_min(1e-12))
+            log.warning("EoRA: damped Hessian not positive definite; adding %.3g to its diagonal", bump)
+            Hd.diagonal().add_(bump)
+        else:
+            raise ValueError("EoRA: the input Hessian is not positive definite even after damping; raise --damp")
+        stats.cache[key] = L
+        return L
+
+    def compensate(self, W: torch.Tensor, W_hat: torch.Tensor, stats: InputStats) -> LowRank | None:
+        out, cols = W.shape
+        r = self.rank_of(out, cols)
+        L = self.factor(stats)  # [in, in] lower, H = L Lᵀ
+        dW = W.float() - W_hat.float()  # [out, in]  ΔW
+        P = dW @ L  # [out, in]  ΔW projected: ‖P‖_F = ‖ΔW X‖_F / sqrt(n)
+        U, S, Vh = torch.linalg.svd(P, full_matrices=False)  # [out, k], [k], [k, in]
+        B = U[:, :r] * S[:r]  # [out, r]  U_r Σ_r
+        A = torch.linalg.solve_triangular(L, Vh[:r], upper=False, left=False)  # [r, in]  V_rᵀ L⁻¹ (A L = V_rᵀ)
+        ref = float((W.float() @ L).norm())  # ‖W X‖_F / sqrt(n)
+        total = float(S.pow(2).sum())
+        rest = float(S[r:].pow(2).sum())
+        before = (total ** 0.5) / ref if ref > 0 else 0.0
+        after = (rest ** 0.5) / ref if ref > 0 else 0.0
+        return LowRank(A.contiguous(), B.contiguous(), before, after)
+
+
+class _LoRAHook:
+    """Forward hook adding ``x Aᵀ Bᵀ`` to a module's output (``[..., in] -> [..., out]``)."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor):
+        self.A, self.B = A, B  # [r, in], [out, r]
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        A, B = self.A.to(x.device, x.dtype), self.B.to(x.device, x.dtype)
+        return output + torch.nn.functional.linear(torch.nn.functional.linear(x, A), B)
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, adapters: dict[str, LowRank]) -> Iterator[nn.Module]:
+    """The model computing ``Ŵ x + B A x`` for every adapted module, for as long as the context lasts
+    (forward hooks, removed on exit): what ``PeftModel`` computes with the saved adapter."""
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for name, lr in adapters.items():
+            handles.append(modules[name].register_forward_hook(_LoRAHook(lr.A, lr.B)))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def adapter_config(adapters: dict[str, LowRank], base_model: str | None, fan_in_fan_out: bool) -> dict:
+    """A PEFT ``LoraConfig`` as JSON: the modules by full name, the most common rank as ``r``, the
+    others in ``rank_pattern``; ``lora_alpha`` equal to each rank, so every correction has scale 1."""
+    ranks = [lr.rank for lr in adapters.values()]
+    r = max(set(ranks), key=ranks.count)
+    pattern = {name: lr.rank for name, lr in adapters.items() if lr.rank != r}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(adapters),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def save_adapter(folder: str | Path, adapters: dict[str, LowRank], base_model: str | None = None,
+                 fan_in_fan_out: bool = False) -> list[str]:
+    """Write ``adapters`` as a PEFT LoRA adapter into ``folder``; returns the file names written.
+
+    Keys are PEFT's: ``base_model.model.<module>.lora_A.weight [r, in]`` and ``...lora_B.weight [out, r]``,
+    float32, so ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), folder)``
+    loads the sparse base with the corrections."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tensors = {}
+    for name, lr in adapters.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lr.A.detach().float().cpu().contiguous()  # [r, in]
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lr.B.detach().float().cpu().contiguous()  # [out, r]
+    save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    cfg = adapter_config(adapters, base_model, fan_in_fan_out)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    return [ADAPTER_CONFIG, ADAPTER_WEIGHTS]

@@ -1,0 +1,446 @@
+"""Pruning a checkpoint larger than memory: the decoder layers streamed from the safetensors shards.
+
+:func:`prune_streaming` builds the model as a skeleton without weights (every parameter on the meta
+device), loads only what lies outside the decoder layers (embeddings, final norm, head; tied weights
+tied again), and hands the engine a :class:`ShardStream` residency:
+
+- ``acquire(i, layer)`` (and ``fetch`` for an observe-only pass such as OWL's): layer ``i``'s tensors
+  are read from the input shards with plain reads (a memory map would keep every page read resident),
+  cast to the storage dtype as ``from_pretrained`` does;
+- ``release(i, layer)``: the pruned layer is written to its own output shard at once and its
+  parameters go back to the meta device and the heap is trimmed (``observed`` drops an observed
+  layer's without writing).
+
+Peak memory is the parts outside the layers, about two layers (the one pruned and, while it is
+written, its copy in the shard buffer) and the calibration activations, whatever the depth. The
+output holds one shard per decoder layer and one for the rest, with a ``model.safetensors.index.json``,
+and the same tensors, bit for bit, as the in-memory path writes (``tests/test_stream.py``).
+
+Checkpoints whose layout ``transformers`` converts on load (fused MoE experts stored per expert, as
+Mixtral's in transformers 5) are refused: their layers cannot be read one tensor at a time as stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, PruneConfig
+from .models import ModelLoadError, embedded_model_path, resolve_dtype
+from .offload import _libc
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# what a Hub snapshot needs for streaming: the shards, config/index/tokenizer JSON, tokenizer models
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"]
+FIT_FRACTION = 0.7  # in-memory pruning when the weights take at most this share of the memory available
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class StreamingError(ConfigError):
+    """The checkpoint or the config cannot be pruned by streaming; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The input checkpoint
+# ---------------------------------------------------------------------------------------------
+def resolve_folder(model: str | None, trust_remote_code: bool = False) -> Path:
+    """The local folder of ``model``: the embedded default's cached folder, a local folder, or a Hub
+    snapshot of only the shards, JSON files and tokenizer files (downloaded, not loaded)."""
+    if model is None:
+        return embedded_model_path()
+    local = Path(model).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"folder {model!r} has no config.json; is it a Hugging Face checkpoint folder?")
+        return local
+    if local.exists() or model.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model {model!r} is not a folder; give a Hub id or a folder with config.json")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, unknown repo: all say the same to the user
+        raise ModelLoadError(f"could not download {model!r} from the Hub ({type(e).__name__}: {e}); check the id, "
+                             "or pass a local folder") from e
+
+
+class ShardIndex:
+    """Where each tensor of a safetensors checkpoint lies: ``model.safetensors`` or an index of shards."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        if (folder / INDEX_FILE).is_file():
+            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        elif (folder / SINGLE_FILE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(folder / SINGLE_FILE, "pt") as f:
+                weight_map = {k: SINGLE_FILE for k in f.keys()}
+        else:
+            raise StreamingError(f"{str(folder)!r} has no {SINGLE_FILE} nor {INDEX_FILE}; streaming reads "
+                                 "safetensors checkpoints only (run without --low-memory)")
+        self.weight_map: dict[str, str] = weight_map
+        self._headers: dict[str, tuple[int, dict]] = {}
+
+    def _header(self, shard: str) -> tuple[int, dict]:
+        """``(offset of the data, header)`` of a shard file, read once."""
+        if shard not in self._headers:
+            with open(self.folder / shard, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                self._headers[shard] = (8 + n, json.loads(f.read(n)))
+        return self._headers[shard]
+
+    def get(self, name: str) -> torch.Tensor:
+        """A fresh CPU tensor, read from the shard with plain reads: a memory map would keep the pages
+        read resident in this process (its peak memory would grow by a layer per layer), the page cache
+        does not count."""
+        shard = self.weight_map[name]
+        start, header = self._header(shard)
+        meta = header[name]
+        b, e = meta["data_offsets"]
+        t = torch.empty(meta["shape"], dtype=_DTYPES[meta["dtype"]])  # [as stored]
+        with open(self.folder / shard, "rb") as f:
+            f.seek(start + b)
+            n = f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        if n != e - b:
+            raise StreamingError(f"{shard} ends inside tensor {name!r}: the file is truncated; download or copy it "
+                                 "again")
+        return t
+
+    def nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of all tensors, from the shard headers (nothing read); floating tensors counted in ``dtype``
+        when given (the storage dtype they will be loaded in)."""
+        import math
+
+        total = 0
+        for shard in sorted(set(self.weight_map.values())):
+            with open(self.folder / shard, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            for k, v in header.items():
+                if k == "__metadata__":
+                    continue
+                stored = v["data_offsets"][1] - v["data_offsets"][0]
+                floating = v["dtype"] in ("F64", "F32", "F16", "BF16")
+                total += math.prod(v["shape"]) * dtype.itemsize if dtype is not None and floating else stored
+        return total
+
+    def close(self) -> None:
+        self._headers.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: does the model fit?
+# ---------------------------------------------------------------------------------------------
+def available_memory() -> int:
+    """Bytes this process may still use: free memory, bounded by a cgroup limit and ``RLIMIT_AS``/``RLIMIT_DATA``."""
+    import resource
+
+    import psutil
+
+    avail = psutil.virtual_memory().available
+    try:  # cgroup v2
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    status = _proc_status()
+    for rlim, key in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
+        soft, _ = resource.getrlimit(rlim)
+        if soft != resource.RLIM_INFINITY and key in status:
+            avail = min(avail, soft - status[key])
+    return max(avail, 0)
+
+
+def _proc_status() -> dict[str, int]:
+    """``/proc/self/status`` sizes in bytes (VmHWM, VmRSS, VmSize, VmData); empty where not on Linux."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.startswith("Vm") and value.strip().endswith("kB"):
+                out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def should_stream(config: PruneConfig, folder: Path | None = None) -> bool:
+    """``config.low_memory``, or when it is None, whether the weights exceed ``FIT_FRACTION`` of the
+    memory available (logged). A Hub id is not downloaded to decide: its ``model.safetensors.index.json``
+    total is read when it is cached, else the in-memory path is taken."""
+    if config.low_memory is not None:
+        return config.low_memory
+    try:
+        folder = folder or _local_folder(config.model)
+        if folder is None:
+            return False
+        dtype = resolve_dtype(config.dtype)
+        weights = ShardIndex(folder).nbytes(dtype if isinstance(dtype, torch.dtype) else None)
+    except (StreamingError, ModelLoadError, OSError):
+        return False  # the in-memory loader gives the error with its own message
+    avail = available_memory()
+    if weights > FIT_FRACTION * avail:
+        log.info("the weights (%.2f GB) do not fit in the memory available (%.2f GB): streaming the decoder layers "
+                 "from the shards (--low-memory); --no-low-memory forces the in-memory path", weights / 1e9,
+                 avail / 1e9)
+        return True
+    return False
+
+
+def _local_folder(model: str | None) -> Path | None:
+    if model is None:
+        return embedded_model_path()
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, INDEX_FILE)
+        return Path(cached).parent if isinstance(cached, str) else None
+    except Exception:  # not a valid repo id, or no cache
+        return None
+
+
+def check_streamable(config: PruneConfig) -> None:
+    """What streaming cannot do, refused before any work with the fix."""
+    bad = []
+    if config.eval_settings is not None:
+        bad.append("--eval (the pruned layers are on disk, not in memory): evaluate the output afterwards with "
+                   "`llmprune eval OUTPUT`")
+    if config.calib == "self":
+        bad.append("--calib self (sampling text needs the whole model in memory): give a dataset or file")
+    if getattr(config, "activation", None) is not None:
+        bad.append("activation sparsity (its pass reads every layer again): run it on the pruned output")
+    if config.method == "none":
+        bad.append("--method none")
+    if bad:
+        raise ConfigError("streaming (--low-memory) does not support " + "; ".join(bad)
+                          + "; or pass --no-low-memory to prune in memory")
+
+
+# ---------------------------------------------------------------------------------------------
+# The skeleton and the residency
+# ---------------------------------------------------------------------------------------------
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Point parameter or buffer ``name`` of ``root`` at ``value`` (a parameter stays a parameter)."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = root.get_submodule(mod_name) if mod_name else root
+    if attr in mod._parameters:
+        old = mod._parameters[attr]
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+    else:
+        mod._buffers[attr] = value
+
+
+def _persistent_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers of ``module`` (what ``state_dict`` holds), by name, shared ones once."""
+    seen = set()
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield name, t
+
+
+def build_skeleton(folder: Path, config: PruneConfig):
+    """``(model, index)``: ``folder``'s causal LM with every decoder layer on the meta device and
+    everything else read from the shards, in the dtype ``from_pretrained`` would give."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from .engine import find_decoder_layers
+
+    index = ShardIndex(folder)
+    cfg = AutoConfig.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
+    dtype = resolve_dtype(config.dtype)
+    if dtype == "auto":  # as from_pretrained: the config's dtype, else the first floating tensor's
+        dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if not isinstance(dtype, torch.dtype):
+            dtype = next((t.dtype for t in map(index.get, index.weight_map) if t.is_floating_point()), torch.float32)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    model.eval()
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    layers_name, layers = find_decoder_layers(model)
+    inside = {id(t) for layer in layers for t in layer.state_dict(keep_vars=True).values()}
+    first = {k for k, _ in _persistent_state(layers[0])}
+    stored = {k[len(f"{layers_name}.0."):] for k in index.weight_map if k.startswith(f"{layers_name}.0.")}
+    if first != stored:
+        raise StreamingError(
+            f"{type(model).__name__}'s decoder layers are stored in another layout than the model uses (e.g. "
+            f"{sorted(stored - first)[:1] or sorted(first - stored)[:1]}): transformers converts them on load, "
+            "so they cannot be streamed tensor by tensor; run without --low-memory"
+        )
+    missing = []
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in inside:
+            continue
+        if name in index.weight_map:
+            value = index.get(name)
+            _set_tensor(model, name, value.to(dtype) if value.is_floating_point() else value)
+        elif t.device.type == "meta":
+            missing.append(name)
+    model.tie_weights()
+    missing = [n for n in missing if model.get_parameter_or_buffer(n).device.type == "meta"]
+    if missing:
+        raise ModelLoadError(f"{str(folder)!r} lacks {len(missing)} weight(s) outside the decoder layers (e.g. "
+                             f"{missing[0]}); is it a causal language model checkpoint?")
+    return model, index
+
+
+class ShardStream:
+    """Layer residency that keeps no layer's weights between layers: read from ``index`` when the engine
+    reaches a layer, written to a shard of ``folder`` once it is pruned, then back to the meta device."""
+
+    def __init__(self, index: ShardIndex, folder: str | Path, prefix: str, dtype: torch.dtype):
+        self.index = index
+        self.folder = Path(folder)  # created with the first layer written
+        self.prefix = prefix  # "model.layers"
+        self.dtype = dtype
+        self._libc = _libc()
+        self.shards: dict[str, list[str]] = {}  # shard file -> tensor names, in writing order
+        self.bytes = 0
+
+    def acquire(self, index: int, layer: nn.Module) -> None:
+        for name, _ in list(_persistent_state(layer)):
+            value = self.index.get(f"{self.prefix}.{index}.{name}")
+            _set_tensor(layer, name, value.to(self.dtype) if value.is_floating_point() else value)
+
+    fetch = acquire  # an observe-only pass reads the layer the same way
+
+    def set_aside(self, model: nn.Module, layers: list[nn.Module]) -> None:
+        """Nothing to do: the parts outside the layers are small and were loaded once."""
+
+    def _drop(self, layer: nn.Module) -> None:
+        for name, t in list(_persistent_state(layer)):
+            _set_tensor(layer, name, torch.empty_like(t, device="meta"))
+
+    def observed(self, index: int, layer: nn.Module) -> None:
+        self._drop(layer)
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        from safetensors.torch import save_file
+
+        state = {f"{self.prefix}.{index}.{k}": v.detach().contiguous() for k, v in layer.state_dict().items()}
+        shard = f"layer-{index:06d}.safetensors"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_file(state, self.folder / f"{shard}.tmp", metadata={"format": "pt"})
+        os.replace(self.folder / f"{shard}.tmp", self.folder / shard)  # a killed run leaves no partial shard
+        self.shards[shard] = list(state)
+        self.bytes += sum(v.numel() * v.element_size() for v in state.values())
+        del state
+        self._drop(layer)
+        if self._libc is not None:  # the freed layer's heap pages back to the system: a flat peak over depth
+            self._libc.malloc_trim(0)
+        log.debug("layer %d written to %s (%.1f MB so far)", index, shard, self.bytes / 2**20)
+
+    def write_model(self, model: nn.Module, folder: Path) -> None:
+        """Into ``folder``: the layer shards moved in, the rest written as one more shard, the index,
+        ``config.json`` and the generation config, as ``save_pretrained`` writes them."""
+        from safetensors.torch import save_file
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        from .engine import find_decoder_layers
+
+        _, layers = find_decoder_layers(model)
+        inside = {id(t) for layer in layers for t in layer.state_dict(keep_vars=True).values()}
+        rest = {k: t.detach() for k, t in model.state_dict(keep_vars=True).items() if id(t) not in inside}
+        for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
+            rest.pop(key, None)
+        rest = remove_tied_weights_from_state_dict(rest, model)
+        rest = {k: v.contiguous() for k, v in rest.items()}
+        files = [("rest", list(rest))] + list(self.shards.items())
+        n = len(files)
+        weight_map, total = {}, self.bytes + sum(v.numel() * v.element_size() for v in rest.values())
+        for k, (src, names) in enumerate(files, 1):
+            name = f"model-{k:05d}-of-{n:05d}.safetensors"
+            if src == "rest":
+                save_file(rest, folder / name, metadata={"format": "pt"})
+            else:  # linked, not moved: the progress folder stays whole until the output is complete
+                try:
+                    os.link(self.folder / src, folder / name)
+                except OSError:  # another filesystem, or no hard links
+                    shutil.copyfile(self.folder / src, folder / name)
+            weight_map.update(dict.fromkeys(names, name))
+        index = {"metadata": {"total_parameters": model.num_parameters(), "total_size": total},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        model.config.dtype = str(model.dtype).split(".")[1]
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(folder)
+        if model.can_generate():
+            model.generation_config.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def prune_streaming(config: PruneConfig, output: str | Path, overwrite: bool = False, progress: bool = True,
+                    resume: bool = False, folder: Path | None = None):
+    """Prune ``config.model`` into ``output`` with the decoder layers streamed from its shards; the
+    same checkpoint as :func:`llmprune.prune_checkpoint` in memory. The layer shards are written into
+    the run's progress folder (:mod:`llmprune.resume`), from which ``resume`` continues an interrupted
+    run. Returns the :class:`PruneReport`."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from .api import prune
+    from .engine import find_decoder_layers
+    from .resume import Progress, check_partial
+    from .save import REPORT_FILE, check_output, save_pruned
+
+    check_streamable(config)
+    check_output(output, overwrite)
+    staging = check_partial(output, resume, overwrite)
+    t0 = time.perf_counter()
+    folder = folder or resolve_folder(config.model, config.trust_remote_code)
+    model, index = build_skeleton(folder, config)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
+    t_load = time.perf_counter() - t0
+    out = Path(output).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tracker = None
+    try:
+        layers_name, _ = find_decoder_layers(model)
+        stream = ShardStream(index, staging, layers_name, model.dtype)
+        tracker = Progress(stream, staging, config, folder, resume)
+        log.info("streaming %s: decoder layers read from %d shard(s) when reached, written to %s once pruned",
+                 config.model or "the embedded model", len(set(index.weight_map.values())), staging)
+        report = prune(model, tokenizer, config, progress=progress, residency=tracker)
+        if config.model is None:
+            report.model = f"embedded:{folder}"
+        t1 = time.perf_counter()
+        save_pruned(model, tokenizer, output, report, overwrite=overwrite,
+                    write_model=lambda tmp: stream.write_model(model, tmp))
+        tracker.discard()  # the layer shards live on in the output (hard links)
+    except BaseException:
+        if tracker is not None:
+            tracker.failed()
+        raise
+    finally:
+        index.close()
+    report.seconds = {"load": t_load, **report.seconds, "save": time.perf_counter() - t1,
+                      "total": time.perf_counter() - t0}
+    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report

@@ -1,0 +1,85 @@
+"""ALPS (llmprune.pruners.alps) on bare tensors: exact sparsity, N:M, error against Wanda and SparseGPT."""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import llmprune.reconstruction as lsq
+from llmprune.pruners.alps import ALPS
+from llmprune.pruners.sparsegpt import SparseGPT
+from llmprune.pruners.wanda import Wanda
+from llmprune.registry import lookup
+from llmprune.stats import InputStats
+
+from test_admm import make_layer, optimum, output_error
+
+PATTERNS = [(0.5, None), (0.7, None), (0.5, (2, 4)), (0.5, (4, 8))]
+
+
+@pytest.mark.parametrize("sparsity,nm", PATTERNS)
+def test_exact_sparsity_valid_nm_and_lower_error_than_wanda(sparsity, nm):
+    for seed in range(3):
+        W, X, stats = make_layer(seed, out=32, cols=64)
+        res = ALPS().prune(W, stats, sparsity, nm)
+        assert torch.equal(res.W != 0, res.M)  # no kept weight is exactly zero here, every pruned one is
+        assert not torch.signbit(res.W[~res.M]).any()
+        if nm is None:
+            assert int((~res.M).sum()) == int(W.numel() * sparsity)
+        else:
+            n, m = nm
+            assert (res.M.reshape(W.shape[0], -1, m).sum(-1) == n).all()
+        err = output_error(W, res.W, X)
+        assert err < output_error(W, Wanda().prune(W, stats, sparsity, nm).W, X)
+        stats.cache = {}
+        assert err < output_error(W, SparseGPT(act_order=None).prune(W, stats, sparsity, nm).W, X) * 1.02
+
+
+def test_the_weights_are_the_least_squares_optimum_of_the_mask():
+    W, _, stats = make_layer(5, out=16, cols=32)
+    res = ALPS(alps_pcg_iters=200).prune(W, stats, 0.6)
+    # the back-solve stops at a relative change of 1e-4: close to the optimum of the mask it found
+    want = optimum(W, res.M, stats, 0.01)
+    assert torch.allclose(res.W, want, atol=1e-2 * float(want.abs().max()))
+
+
+def test_the_eigendecomposition_is_shared_by_modules_on_one_input(monkeypatch):
+    calls = []
+    real = lsq._eigh64
+    monkeypatch.setattr(lsq, "_eigh64", lambda A: calls.append(A.shape) or real(A))
+    W, _, stats = make_layer(6, out=24, cols=32)
+    alps = ALPS()
+    for rows in (slice(0, 8), slice(8, 16), slice(16, 24)):  # q, k, v fed the same tensor
+        alps.prune(W[rows], stats, 0.5)
+    assert calls == [(32, 32)]
+    assert alps.last["iterations"] > 0 and alps.last["rho"] > 0
+
+
+def test_no_admm_iterations_is_magnitude_on_the_normalised_weight_then_the_back_solve():
+    W, X, stats = make_layer(7)
+    res = ALPS(alps_iters=0).prune(W, stats, 0.5)
+    nh = lsq.normalized_hessian(stats, 0.01)
+    Wn = (W * nh.s).abs()  # [out, in]
+    assert torch.equal(res.M, Wn >= Wn.flatten().kthvalue(int(W.numel() * 0.5) + 1).values)
+    assert output_error(W, res.W, X) < output_error(W, W * res.M, X)
+
+
+def test_registration_options_and_errors():
+    assert lookup("method", "alps") is ALPS
+    params = inspect.signature(ALPS.__init__).parameters
+    assert all(o in params for o in ALPS.options)
+    assert ALPS.needs == {"hessian"}
+    a = ALPS.from_config(SimpleNamespace(damp=0.05, alps_rho=0.3, alps_iters=7, alps_pcg_iters=3))
+    assert (a.damp, a.rho0, a.iters, a.pcg_iters) == (0.05, 0.3, 7, 3)
+    for bad, match in [(dict(alps_rho=0), "alps_rho"), (dict(alps_iters=-2), "alps_iters"),
+                       (dict(alps_pcg_iters=True), "alps_pcg_iters"), (dict(damp=2.0), "damp")]:
+        with pytest.raises(ValueError, match=match):
+            ALPS(**bad)
+    W, _, stats = make_layer(0, cols=30)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ALPS().prune(W, stats, 0.5, (2, 4))
+    with pytest.raises(ValueError, match="Hessian"):
+        ALPS().prune(W, InputStats({"sq"}, n=1, sq=torch.ones(30)), 0.5)

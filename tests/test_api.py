@@ -1,0 +1,82 @@
+"""The stable Python API: every calibration form ``prune`` accepts, and every public name documented."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import VOCAB, byte_tokenizer, make_tiny_model
+
+import llmprune
+from llmprune.data import CalibrationError, get_calibration
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _rows(n: int = 8, L: int = 32) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (n, L), generator=torch.Generator().manual_seed(3))  # [n, L]
+
+
+def _masks(calibration, **kw) -> str:
+    model = make_tiny_model("llama")
+    report = llmprune.prune(model, kw.pop("tokenizer", None), method="wanda", sparsity=0.5, nsamples=8, seqlen=32,
+                            calibration=calibration, progress=False, **kw)
+    return report.masks_sha256
+
+
+def test_every_pretokenized_form_gives_the_masks_of_the_tensor():
+    datasets = pytest.importorskip("datasets")
+    ids = _rows()
+    expected = _masks(ids)
+    forms = {
+        "batches": [ids[:4], ids[4:]],  # an iterable of token batches
+        "generator": (b for b in (ids[:3], ids[3:])),
+        "dicts": [{"input_ids": ids[:4], "attention_mask": torch.ones(4, 32)}, {"input_ids": ids[4:]}],
+        "token lists": ids.tolist(),
+        "dataloader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=3),
+        "dict dataloader": torch.utils.data.DataLoader([{"input_ids": r} for r in ids], batch_size=2),
+        "dataset": datasets.Dataset.from_dict({"input_ids": ids.tolist()}),
+    }
+    for name, source in forms.items():
+        assert _masks(source) == expected, name
+
+
+def test_a_text_dataset_is_sampled_as_documents(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    datasets = pytest.importorskip("datasets")
+    tok = byte_tokenizer()
+    docs = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (2 + i % 3) for i in range(20)]
+    ds = datasets.Dataset.from_dict({"content": docs, "id": list(range(20))})
+    a = get_calibration(ds, tok, nsamples=6, seqlen=64, seed=0, text_field="content")
+    b = get_calibration(ds, tok, nsamples=6, seqlen=64, seed=0, text_field="content")
+    assert a.shape == (6, 64) and torch.equal(a, b)
+    assert tok.decode(a[0]).strip() in " ".join(docs)  # a window of one document
+    with pytest.raises(CalibrationError, match="no 'text' or 'messages' field .*choose the text field"):
+        get_calibration(ds, tok, nsamples=2, seqlen=16)
+    with pytest.raises(CalibrationError, match="needs a tokenizer"):
+        get_calibration(ds, None, nsamples=2, seqlen=16, text_field="content")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    report = llmprune.prune(model, tok, method="wanda", sparsity=0.5, nsamples=4, seqlen=32, calibration=ds,
+                            text_field="content", progress=False)
+    assert report.calibration["source"].startswith("datasets.Dataset[20 rows, columns content, id]")
+
+
+def test_text_records_outside_a_dataset_say_what_to_do():
+    with pytest.raises(CalibrationError, match="dict without 'input_ids' .*datasets.Dataset"):
+        get_calibration([{"text": "hello"}], None, nsamples=1, seqlen=4)
+
+
+def test_every_public_name_has_a_docstring_and_is_in_the_readme_api_section():
+    text = README.read_text()
+    match = re.search(r"^## Python API\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    assert match, "README.md needs a '## Python API' section"
+    section = match.group(1)
+    for name in llmprune.__all__:
+        value = getattr(llmprune, name)
+        if callable(value):
+            doc = value.__doc__ or ""
+            assert doc.strip() and not doc.startswith(f"{name}("), f"{name} has no docstring"
+        assert f"`{name}" in section, f"{name} is not listed in the README's API section"

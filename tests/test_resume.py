@@ -1,0 +1,109 @@
+"""Resume: a run killed (SIGKILL) after a layer continues from its saved progress and writes the checkpoint
+of an uninterrupted run, bit for bit; progress of another config or model is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_stream import _save_tiny, _tensors
+
+from llmprune import PruneConfig, prune_checkpoint
+from llmprune.resume import PROGRESS_FILE, ResumeError, partial_folder
+
+KILLER = """
+import os, signal, sys
+import llmprune.resume as resume
+from llmprune import PruneConfig, prune_checkpoint
+
+kill_after = int(sys.argv[3])
+done = resume.Progress.layer_done
+
+def layer_done(self, run, plan, i, *args):
+    done(self, run, plan, i, *args)
+    if i == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+resume.Progress.layer_done = layer_done
+import json
+cfg = PruneConfig.build(json.loads(sys.argv[1]))
+prune_checkpoint(cfg, sys.argv[2], progress=False)
+"""
+
+
+def _settings(src: Path, **kw) -> dict:
+    return {**dict(model=str(src), method="sparsegpt", sparsity=0.5, calib=str(src / "calib.txt"), nsamples=4,
+                   seqlen=16, device="cpu"), **kw}
+
+
+def _config(src: Path, **kw) -> PruneConfig:
+    return PruneConfig.build(_settings(src, **kw))
+
+
+def _kill_after(src: Path, out: Path, layer: int, **kw) -> None:
+    """A subprocess pruning into ``out`` that SIGKILLs itself once layer ``layer``'s progress is saved."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    settings = json.dumps(_settings(src, **kw))
+    proc = subprocess.run([sys.executable, "-c", KILLER, settings, str(out), str(layer)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+@pytest.fixture
+def src(tmp_path) -> Path:
+    path = _save_tiny("llama", tmp_path / "src", num_hidden_layers=4)
+    (path / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return path
+
+
+@pytest.mark.parametrize("killed, resumed", [(False, False), (True, True), (True, False)],
+                         ids=["in-memory", "streamed", "streamed-then-in-memory"])
+def test_killed_run_resumes_to_the_uninterrupted_checkpoint(src, tmp_path, killed, resumed):
+    kw = dict(allocation="owl", owl_lambda=0.1)  # an observe pass too, re-run on resume
+    ref = prune_checkpoint(_config(src, low_memory=False, **kw), tmp_path / "ref", progress=False)
+    out = tmp_path / "out"
+    _kill_after(src, out, 1, low_memory=killed, **kw)
+    assert not out.exists()  # a dead run never leaves a folder that looks complete
+    partial = partial_folder(out)
+    assert json.loads((partial / PROGRESS_FILE).read_text())["layers_done"] == 2
+    assert not (partial / "config.json").exists()
+    with pytest.raises(ResumeError, match="--resume"):  # never discarded silently
+        prune_checkpoint(_config(src, low_memory=resumed, **kw), out, progress=False)
+    rep = prune_checkpoint(_config(src, low_memory=resumed, **kw), out, progress=False, resume=True)
+    a, b = _tensors(tmp_path / "ref"), _tensors(out)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m.mask_sha256 for r in rep.layers for m in r.modules] == \
+        [m.mask_sha256 for r in ref.layers for m in r.modules]
+    la = json.loads((tmp_path / "ref" / "config.json").read_text())["llmprune"]
+    lb = json.loads((out / "config.json").read_text())["llmprune"]
+    assert la["masks_sha256"] == lb["masks_sha256"] if "masks_sha256" in la else True
+    assert not partial.exists()
+
+
+def test_resume_refuses_another_config_or_model(src, tmp_path):
+    out = tmp_path / "out"
+    _kill_after(src, out, 0)
+    with pytest.raises(ResumeError, match="the config differs"):
+        prune_checkpoint(_config(src, sparsity=0.6), out, progress=False, resume=True)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(2)
+    model.save_pretrained(src)
+    with pytest.raises(ResumeError, match="the model differs"):
+        prune_checkpoint(_config(src), out, progress=False, resume=True)
+    assert partial_folder(out).exists()  # still there for a resume with the right settings
+    prune_checkpoint(_config(src), out, progress=False, overwrite=True)  # --overwrite starts again
+    assert out.is_dir() and not partial_folder(out).exists()
+
+
+def test_resume_without_progress_starts_from_the_first_layer(src, tmp_path):
+    rep = prune_checkpoint(_config(src), tmp_path / "out", progress=False, resume=True)
+    assert len(rep.layers) == 4 and not partial_folder(tmp_path / "out").exists()

@@ -1,0 +1,179 @@
+"""Streaming (--low-memory): decoder layers read from the shards when reached and written once pruned
+give the checkpoint of the in-memory path, tensor for tensor, on every architecture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ARCH_CONFIGS, ARCHS, byte_tokenizer
+from safetensors import safe_open
+
+from llmprune import PruneConfig, prune_checkpoint
+from llmprune.stream import INDEX_FILE, ShardIndex, StreamingError, should_stream
+
+TIMINGS = ("seconds", "low_memory")
+
+
+def _save_tiny(arch: str, path, **overrides):
+    """A tiny ``arch`` checkpoint with the byte tokenizer (259 ids: the vocabulary is widened to 272)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls_name, kwargs = ARCH_CONFIGS[arch]
+    config = getattr(transformers, cls_name)(**{**kwargs, "vocab_size": 272, "bos_token_id": 0, "eos_token_id": 1,
+                                                "pad_token_id": 2, **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" and p.name.startswith("model")):
+        with safe_open(shard, "pt") as f:
+            for k in f.keys():
+                assert k not in out, f"{k} in two shards"
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def _strip(block: dict) -> dict:
+    block = {k: v for k, v in block.items() if k not in TIMINGS}
+    if isinstance(block.get("config"), dict):
+        block["config"] = {k: v for k, v in block["config"].items() if k not in TIMINGS}
+    return block
+
+
+def _run(src, out, low_memory, **kw):
+    cfg = PruneConfig.build(dict(model=str(src), method="sparsegpt", sparsity=0.5, calib=str(src / "calib.txt"),
+                                 nsamples=4, seqlen=16, device="cpu", low_memory=low_memory, **kw))
+    return prune_checkpoint(cfg, out, progress=False)
+
+
+@pytest.fixture
+def calib_text():
+    return "The quick brown fox jumps over the lazy dog. " * 40
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "mixtral"])
+def test_streaming_writes_the_in_memory_checkpoint(arch, tmp_path, calib_text):
+    src = _save_tiny(arch, tmp_path / "src")
+    (src / "calib.txt").write_text(calib_text)
+    _run(src, tmp_path / "mem", False)
+    _run(src, tmp_path / "stream", True)
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "stream")
+    assert sorted(a) == sorted(b)
+    pruned = [k for k in b if ".0." in k and b[k].dim() == 2 and "norm" not in k and "embed" not in k]
+    assert pruned and any((b[k] == 0).float().mean() >= 0.45 for k in pruned)  # the layers were pruned
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    index = json.loads((tmp_path / "stream" / INDEX_FILE).read_text())
+    assert set(index["weight_map"]) == set(b)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in b.values())
+    for k, shard in index["weight_map"].items():
+        with safe_open(tmp_path / "stream" / shard, "pt") as f:
+            assert k in f.keys()
+    ca = json.loads((tmp_path / "mem" / "config.json").read_text())
+    cb = json.loads((tmp_path / "stream" / "config.json").read_text())
+    la, lb = _strip(ca.pop("llmprune")), _strip(cb.pop("llmprune"))
+    assert ca == cb and la == lb
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "mem" / name).exists() == (tmp_path / "stream" / name).exists()
+        if (tmp_path / "mem" / name).exists():
+            assert (tmp_path / "mem" / name).read_text() == (tmp_path / "stream" / name).read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging and temp folders removed
+
+
+def test_streaming_with_an_observe_pass_and_sharded_input(tmp_path, calib_text, monkeypatch):
+    """OWL reads every dense layer first (fetch / observed), and the input may itself be sharded."""
+    from transformers import AutoModelForCausalLM
+
+    src = _save_tiny("llama", tmp_path / "src", num_hidden_layers=4)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.save_pretrained(src, max_shard_size="100KB")
+    assert (src / INDEX_FILE).is_file()
+    (src / "calib.txt").write_text(calib_text)
+    kw = dict(allocation="owl", owl_lambda=0.1)
+    ra = _run(src, tmp_path / "mem", False, **kw)
+    import llmprune.stream as stream
+
+    resident = []  # decoder layers holding real weights whenever one is read: never more than that one
+    real_acquire = stream.ShardStream.acquire
+
+    def acquire(self, index, layer):
+        from llmprune.engine import find_decoder_layers
+
+        real_acquire(self, index, layer)
+        _, layers = find_decoder_layers(layer_owner[0])
+        resident.append(sum(any(p.device.type != "meta" for p in lay.parameters()) for lay in layers))
+
+    layer_owner = []
+    real_build = stream.build_skeleton
+
+    def build(folder, config):
+        model, index = real_build(folder, config)
+        layer_owner.append(model)
+        return model, index
+
+    monkeypatch.setattr(stream.ShardStream, "acquire", acquire)
+    monkeypatch.setattr(stream.ShardStream, "fetch", acquire)
+    monkeypatch.setattr(stream, "build_skeleton", build)
+    rb = _run(src, tmp_path / "stream", True, **kw)
+    assert resident == [1] * 8  # 4 layers observed, then 4 pruned, one at a time
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "stream")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert ra.layer_targets == rb.layer_targets and len({t for t, _ in rb.layer_targets}) > 1
+
+
+def test_converted_layouts_are_refused_with_the_fix(tmp_path, calib_text):
+    src = _save_tiny("mixtral", tmp_path / "src")
+    (src / "calib.txt").write_text(calib_text)
+    with pytest.raises(StreamingError, match="without --low-memory"):
+        _run(src, tmp_path / "out", True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_streams_only_when_the_weights_do_not_fit(tmp_path, monkeypatch, caplog):
+    import llmprune.stream as stream
+
+    src = _save_tiny("llama", tmp_path / "src")
+    weights = ShardIndex(src).nbytes()
+    cfg = PruneConfig.build(dict(model=str(src), dtype="float32"))
+    monkeypatch.setattr(stream, "available_memory", lambda: 100 * weights)
+    assert not should_stream(cfg)
+    monkeypatch.setattr(stream, "available_memory", lambda: weights)
+    with caplog.at_level("INFO", logger="llmprune.stream"):
+        assert should_stream(cfg)
+    assert "do not fit" in caplog.text
+    assert not should_stream(PruneConfig.build(dict(model=str(src), low_memory=False)))
+    assert should_stream(PruneConfig.build(dict(model=str(src), low_memory=True)))
+
+
+def test_streaming_refuses_what_needs_the_whole_model(tmp_path):
+    from llmprune.config import ConfigError
+
+    src = _save_tiny("llama", tmp_path / "src")
+    cfg = PruneConfig.build(dict(model=str(src), low_memory=True, calib="self"))
+    with pytest.raises(ConfigError, match="--no-low-memory"):
+        prune_checkpoint(cfg, tmp_path / "out", progress=False)
+
+
+def test_cli_low_memory(tmp_path, calib_text):
+    from llmprune.cli import main
+
+    src = _save_tiny("qwen2", tmp_path / "src")
+    (src / "calib.txt").write_text(calib_text)
+    rc = main(["prune", str(src), "--method", "wanda", "--sparsity", "0.5", "--calib", str(src / "calib.txt"),
+               "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--low-memory", "--output",
+               str(tmp_path / "out"), "--quiet"])
+    assert rc in (0, None)
+    index = json.loads((tmp_path / "out" / INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) == 3  # the rest, then one shard per decoder layer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert (model.model.layers[1].mlp.up_proj.weight == 0).float().mean() == 0.5

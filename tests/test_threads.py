@@ -1,0 +1,202 @@
+"""The thread policy: decisions on given inputs, overrides, and where it is applied and recorded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmprune import threads
+from llmprune.threads import KEEP, Observation, ThreadSettingError, decide, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_idle_machine_keeps_spinning_on_all_cores():
+    p = decide(Observation(affinity=8, running=0.0, load1=0.2))
+    assert (p.threads, p.wait_policy, p.contended, p.mode) == (8, "default", False, "auto")
+    assert p.env == {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"}
+    assert "idle" in p.reason
+
+
+def test_one_other_runnable_task_makes_threads_sleep():
+    p = decide(Observation(affinity=2, running=1.0))
+    assert (p.threads, p.wait_policy, p.contended) == (2, "passive", True)
+    assert p.env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "KMP_BLOCKTIME" not in p.env  # libgomp
+    assert decide(Observation(affinity=2, running=1.0), runtime="intel").env["KMP_BLOCKTIME"] == "0"
+
+
+def test_registered_peer_counts_even_before_it_runs():
+    """Two runs starting together: the registry shows the other before it loads the CPU."""
+    p = decide(Observation(affinity=2, running=0.0, peers=1))
+    assert p.contended and p.wait_policy == "passive" and p.threads == 2
+    assert "1 other llmprune run" in p.reason
+
+
+def test_oversubscribed_machine_gets_fewer_threads():
+    assert decide(Observation(affinity=2, running=2.0)).threads == 1
+    assert decide(Observation(affinity=8, running=3.0)).threads == 8  # room left: keep the share
+    assert decide(Observation(affinity=8, running=10.0)).threads == 1
+    assert decide(Observation(affinity=1, running=5.0)).threads == 1
+
+
+def test_cgroup_quota_caps_the_threads():
+    assert decide(Observation(affinity=16, quota=4.0, running=0.0)).threads == 4
+    assert decide(Observation(affinity=16, quota=1.5, running=0.0)).threads == 2  # rounded up
+    assert decide(Observation(affinity=16, quota=0.2, running=0.0)).threads == 1
+    assert "cgroup quota 4 cores" in decide(Observation(affinity=16, quota=4.0, running=0.0)).reason
+
+
+def test_ranks_share_the_cores_and_are_not_contention():
+    p = decide(Observation(affinity=16, running=0.0, peers=3, local_ranks=4, local_rank=2))
+    assert (p.threads, p.contended) == (4, False)  # the 3 peers are this job's other ranks
+    assert decide(Observation(affinity=2, running=0.0, local_ranks=4)).threads == 1
+    assert decide(Observation(affinity=16, running=0.0, peers=4, local_ranks=4)).contended  # one foreign run
+
+
+def test_rank_env():
+    assert threads.rank_env({"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}) == (4, 3)
+    assert threads.rank_env({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == (2, 1)
+    assert threads.rank_env({}) == (1, 0)
+    assert threads.rank_env({"LOCAL_WORLD_SIZE": "x"}) == (1, 0)
+
+
+def test_load_average_is_only_a_fallback():
+    # /proc/stat readable and idle: a high (lagging) load average does not make the run passive
+    assert not decide(Observation(affinity=2, running=0.0, load1=3.0)).contended
+    p = decide(Observation(affinity=2, running=None, load1=3.0))
+    assert p.contended and "load average" in p.reason
+    assert not decide(Observation(affinity=2, running=None, load1=0.9)).contended
+
+
+def test_overrides():
+    assert parse_override(None, "x") is None and parse_override("auto", "x") is None
+    assert parse_override(" Torch ", "x") == KEEP and parse_override("off", "x") == KEEP
+    assert parse_override("3", "x") == 3 and parse_override(2, "x") == 2
+    p = decide(Observation(affinity=8, running=1.0), 3)
+    assert (p.mode, p.threads, p.wait_policy) == ("fixed", 3, "passive")
+    keep = decide(Observation(affinity=8, running=5.0), KEEP)
+    assert (keep.mode, keep.threads, keep.env) == ("torch", None, {})
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two", "1.5", 0])
+def test_bad_override_names_value_and_fix(bad):
+    with pytest.raises(ThreadSettingError, match=r"LLMPRUNE_THREADS=.*(positive integer)"):
+        parse_override(bad, "LLMPRUNE_THREADS")
+
+
+def test_user_omp_settings_are_kept():
+    p = decide(Observation(affinity=4, running=1.0), user_env={"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "active"})
+    assert p.env == {} and p.threads is None and p.wait_policy == "default"
+    assert "set by the user, kept" in p.reason
+
+
+def test_observation_inputs(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert threads.cgroup_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert threads.cgroup_quota(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads.cgroup_quota(v1) == 2.0
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3\nprocs_running 4\nprocs_blocked 0\n")
+    assert threads.runnable_tasks(samples=3, interval=0, stat=stat) == 3.0
+    assert threads.runnable_tasks(stat=tmp_path / "missing") is None
+
+
+def test_registry_counts_live_peers_and_drops_dead(tmp_path):
+    reg = threads.register(tmp_path)
+    assert reg is not None and reg.name == str(os.getpid())
+    (tmp_path / str(os.getppid())).write_text("peer\n")  # alive
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / str(dead.pid)).write_text("gone\n")
+    assert threads.live_peers(tmp_path) == 1
+    assert not (tmp_path / str(dead.pid)).exists()
+
+
+def test_api_import_changes_nothing():
+    """Importing and using the library sets no thread variable; only the helper does."""
+    code = ("import os, llmprune, llmprune.api; "
+            "print(sorted(k for k in ('OMP_NUM_THREADS','OMP_WAIT_POLICY','MKL_NUM_THREADS') if k in os.environ)); "
+            "print(llmprune.apply_thread_policy is llmprune.threads.apply_thread_policy)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+                                                             threads.ENV)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+def test_apply_sets_env_and_records(monkeypatch, tmp_path):
+    monkeypatch.setattr(threads, "_applied", None)
+    monkeypatch.setattr(threads, "observe", lambda: Observation(affinity=2, running=1.0))
+    environ: dict[str, str] = {}
+    p = threads.apply_thread_policy(environ=environ)
+    assert environ == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert threads.applied() == p.record()
+    environ = {threads.ENV: "torch"}
+    assert threads.apply_thread_policy(environ=environ).mode == "torch" and environ == {threads.ENV: "torch"}
+    with pytest.raises(ThreadSettingError, match="LLMPRUNE_THREADS='many'"):
+        threads.apply_thread_policy(environ={threads.ENV: "many"})
+    assert threads.apply_thread_policy("1", environ={threads.ENV: "torch"}).threads == 1  # the flag wins
+
+    from llmprune.evaluation.results import EvalResults
+    from llmprune.report import PruneReport
+
+    assert PruneReport(config={}, model="m", calibration={}).threads["threads"] == 1
+    r = EvalResults(model="m")
+    assert r.to_dict()["threads"]["mode"] == "fixed"
+    assert EvalResults.from_dict({k: v for k, v in r.to_dict().items() if k != "threads"}).threads is None
+    monkeypatch.setattr(threads, "_applied", None)
+    assert PruneReport(config={}, model="m", calibration={}).threads is None
+
+
+def _cli(args: list[str], extra_env: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+                                                             threads.ENV)}
+    env.update(extra_env)
+    code = ("import os, sys; from llmprune.cli import main; rc = main(sys.argv[1:]); "
+            "print('ENV', os.environ.get('OMP_WAIT_POLICY'), os.environ.get('OMP_NUM_THREADS')); "
+            "import torch; print('TORCH', torch.get_num_threads()); sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+
+
+def test_cli_applies_logs_and_rejects_bad_values(tmp_path):
+    # an eval that fails at its preflight (unknown task) still went through the policy first
+    res = _cli(["eval", "--tasks", "no_such_task", "--threads", "1"], {})
+    assert "INFO llmprune.threads: threads: 1 (" in res.stderr
+    assert "ENV" in res.stdout and " 1\n" in res.stdout.split("ENV", 1)[1]
+    assert "TORCH 1" in res.stdout
+    res = _cli(["eval", "--tasks", "piqa", "--threads", "zero"], {})
+    assert res.returncode == 2 and "--threads='zero' is not a thread setting" in res.stderr
+    res = _cli(["eval", "--tasks", "no_such_task"], {threads.ENV: "torch"})
+    assert "ENV None None" in res.stdout and "torch's own defaults kept" in res.stderr
+
+
+def test_bench_script_commands_and_table(tmp_path):
+    sys.path.insert(0, str(REPO / "eval"))
+    try:
+        import bench_threads as bench
+    finally:
+        sys.path.remove(str(REPO / "eval"))
+    ev = bench.commands("eval", "/data", quick=False, out=tmp_path)
+    assert ev[ev.index("--limit") + 1] == "20" and ev[ev.index("--batch-size") + 1] == "1"
+    pr = bench.commands("prune", "/data", quick=False, out=tmp_path)
+    assert [pr[pr.index(f) + 1] for f in ("--method", "--sparsity", "--nsamples", "--seqlen")] == [
+        "sparsegpt", "0.5", "32", "512"]
+    rows = [{"kind": "eval", "policy": "policy", "threads": "auto", "lone": [30.0, 32.0, 31.0], "lone_median": 31.0,
+             "pair": [33.0, 34.1], "ratio": [33.0 / 31, 34.1 / 31]},
+            {"kind": "eval", "policy": "torch defaults", "threads": "torch", "lone": [31.0], "lone_median": 31.0,
+             "pair": [68.0, 70.0], "ratio": [68 / 31, 70 / 31]}]
+    md = bench.markdown({"rows": rows, "before": {}, "after": {}, "machine": "m", "runtime": "r", "date": "d",
+                         "command": "python eval/bench_threads.py", "quick": False, "repeats": 3})
+    assert "| eval | policy | 31.0 | 30.0, 32.0, 31.0 | 33.0, 34.1 | 1.10x | <= 1.3x met |" in md
+    assert "| eval | torch defaults | 31.0 | 31.0 | 68.0, 70.0 | 2.26x |  |" in md
+    assert "lone eval: policy 31.0 s vs torch defaults 31.0 s (1.00x)" in md
