@@ -57,6 +57,20 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _neutral_thread_policy():
+    """Tests that call the CLI in-process must not let its thread policy change this process's thread
+    count (it depends on the machine's load, and the summation order of every later test with it);
+    tests/test_threads.py sets the policy's inputs itself."""
+    old = os.environ.get("LLMPRUNE_THREADS")
+    os.environ["LLMPRUNE_THREADS"] = "torch"
+    yield
+    if old is None:
+        os.environ.pop("LLMPRUNE_THREADS", None)
+    else:
+        os.environ["LLMPRUNE_THREADS"] = old
+
+
 @pytest.fixture
 def tiny_model():
     return make_tiny_model

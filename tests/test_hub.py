@@ -91,6 +91,9 @@ def hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    # CI runs with HF_HUB_OFFLINE=1 (nothing may reach the real Hub); this fake Hub is on 127.0.0.1
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     yield server
     server.server.shutdown()
     server.server.server_close()
