@@ -259,13 +259,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if ns.command in ("prune", "eval"):  # before torch loads: the OpenMP wait policy is read at import
-        from .threads import ThreadSettingError, apply_thread_policy
+        from .threads import ThreadSettingError, apply_thread_policy, start_rebalancing
 
         try:
             apply_thread_policy(ns.threads)
         except ThreadSettingError as e:
             print(f"llmprune: error: {e}", file=sys.stderr)
             return 2
+        start_rebalancing()  # follow other runs that start or end while this one goes on
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     if ns.quiet:

@@ -8,6 +8,7 @@ safetensors writes 0600 whatever the umask), and the metadata names data sources
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .report import EVAL_FILE, PERMUTATIONS_FILE, PruneReport
 
@@ -75,6 +77,82 @@ def _umask_permissions(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~mask)
 
 
+def save(model, tokenizer: Any, output: str | Path, report: PruneReport | None = None, *,
+         save_format: str | None = None, overwrite: bool = False) -> Path:
+    """Save a pruned model in memory as an llmprune checkpoint folder (what ``llmprune prune`` writes):
+    safetensors weights with exact zeros, ``config.json`` with the ``llmprune`` block, the tokenizer,
+    ``llmprune_report.json`` and a model card, written to a temporary sibling folder and renamed into
+    place, so a failure leaves nothing half-written.
+
+    Args:
+        model: the pruned model; training wrappers (DDP, accelerate, ``torch.compile``) are looked through.
+            A PEFT model must be merged first (:func:`llmprune.merge_and_keep_sparsity`), or its adapters
+            saved with PEFT's own ``save_pretrained``.
+        tokenizer: saved beside the weights; None saves none.
+        output: the folder to write.
+        report: the :class:`PruneReport` of :func:`llmprune.prune`. None: the metadata the model already
+            carries (a model read with :func:`llmprune.load` from an llmprune checkpoint).
+        save_format: ``"dense"`` (plain transformers loads it) or ``"compressed"`` (the sparse format, read
+            by :func:`llmprune.load`); None: the report's (dense by default).
+        overwrite: replace a non-empty ``output``.
+
+    Returns the folder written.
+    """
+    from .training import _tuner_layers, unwrap_model
+
+    model = unwrap_model(model)
+    if _tuner_layers(model):
+        raise ValueError("the model still has PEFT adapter layers: merge them first with "
+                         "llmprune.merge_and_keep_sparsity(peft_model) (the zeros kept), or save the adapters "
+                         "with peft_model.save_pretrained(folder)")
+    if save_format is not None and save_format not in ("dense", "compressed"):
+        raise ValueError(f"save_format {save_format!r} is unknown; choose one of: dense, compressed")
+    if report is not None:
+        if not isinstance(report, PruneReport):
+            raise TypeError(f"report must be the PruneReport returned by llmprune.prune, not {type(report).__name__}")
+        if save_format is not None:
+            report = dataclasses.replace(report, config={**report.config, "save_format": save_format})
+        return save_pruned(model, tokenizer, output, report, overwrite=overwrite)
+    meta = getattr(getattr(model, "config", None), "llmprune", None)
+    if not isinstance(meta, dict) or "method" not in meta:
+        raise ValueError("the model carries no llmprune metadata: pass report=<the PruneReport of llmprune.prune>, "
+                         "or save an unpruned model with model.save_pretrained(folder)")
+    return _write(output, overwrite, lambda tmp: _write_loaded(model, tokenizer, tmp),
+                  save_format or "dense")  # the model in memory is dense; compressed only when asked
+
+
+def _write_loaded(model, tokenizer, tmp: Path) -> None:
+    model.save_pretrained(tmp, safe_serialization=True)  # config.json keeps the model's llmprune block
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def _write(output: str | Path, overwrite: bool, fill: Callable[[Path], None], save_format: str) -> Path:
+    """Run ``fill(tmp)`` on a temporary sibling folder of ``output``, finish it (format, model card) and
+    rename it into place; on any failure remove it and leave ``output`` as it was."""
+    out = check_output(output, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fill(tmp)
+        from .checkpoint.save import finish_checkpoint
+
+        finish_checkpoint(tmp, save_format)  # compressed format, model card
+        _umask_permissions(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved pruned model to %s", out)
+    return out
+
+
 def save_pruned(model, tokenizer, output: str | Path, report: PruneReport, overwrite: bool = False,
                 write_model: Callable[[Path], None] | None = None) -> Path:
     """Save weights (safetensors, exact zeros), config with an ``llmprune`` block, tokenizer,
@@ -82,10 +160,7 @@ def save_pruned(model, tokenizer, output: str | Path, report: PruneReport, overw
 
     ``write_model(folder)`` replaces ``model.save_pretrained(folder)`` (weights, config.json, generation
     config): streamed runs (:mod:`llmprune.stream`) move the shards they already wrote."""
-    out = check_output(output, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         if write_model is None:
             model.save_pretrained(tmp, safe_serialization=True)
         else:
@@ -108,19 +183,5 @@ def save_pruned(model, tokenizer, output: str | Path, report: PruneReport, overw
 
             conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
             save_adapter(tmp, report.adapters, base_model=report.model, fan_in_fan_out=conv1d)
-        from .checkpoint.save import finish_checkpoint
 
-        finish_checkpoint(tmp, report.config.get("save_format", "dense"))  # compressed format, model card
-        _umask_permissions(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("saved pruned model to %s", out)
-    return out
+    return _write(output, overwrite, fill, report.config.get("save_format", "dense"))

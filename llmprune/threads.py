@@ -28,8 +28,15 @@ Inputs (gathered by :func:`observe`, decided by the pure :func:`decide`):
 Decision. ``contended`` = another llmprune run is registered, or at least one other task is
 runnable on the run's cores. Idle: the runtime's own spinning defaults are kept (no slower than
 today). Contended: ``OMP_WAIT_POLICY=PASSIVE`` (libgomp: no spinning; libiomp5 also gets
-``KMP_BLOCKTIME=0``), and when the others already want every core, one thread fewer per run
-demand so the runs do not oversubscribe. Threads = the process's share of cores.
+``KMP_BLOCKTIME=0``), and never more threads than cores left (:func:`share_threads`): the share is
+split evenly between the llmprune runs, and each other runnable task takes one core. An
+oversubscribed OpenMP team is the slowest case of all: every parallel region ends at a barrier that
+waits for whichever worker the scheduler has parked.
+
+While a CLI run goes on, other runs may start or end: :func:`start_rebalancing` rechecks the
+registry at most once a second (from a forward pre-hook, on the thread that runs the model) and
+moves ``torch.set_num_threads`` to the new share, back up when the others are gone. The wait
+policy cannot change after torch loads; one thread per run needs no waiting policy at all.
 
 Overrides, strongest first: ``--threads`` (CLI), ``LLMPRUNE_THREADS``; each takes ``auto``
 (the policy), ``torch`` (change nothing: torch's own defaults, for comparison) or a positive
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import statistics
 import sys
@@ -118,6 +126,28 @@ def parse_override(value: str | int | None, source: str) -> str | int | None:
     return n
 
 
+def core_share(obs: Observation) -> int:
+    """The cores this process may use: affinity, capped by the cgroup quota, split between the job's ranks."""
+    cores = obs.affinity
+    if obs.quota is not None:
+        cores = max(1, min(cores, int(-(-obs.quota // 1))))  # a 1.5-core quota still runs 2 threads part time
+    return max(1, cores // max(1, obs.local_ranks))
+
+
+def share_threads(share: int, peers: int, others: float) -> int:
+    """Threads for one run given its ``share`` of cores, ``peers`` other llmprune runs (each will use
+    its own share: the cores are split between them) and ``others`` other runnable tasks (one core
+    each). Never more threads than cores left: an oversubscribed OpenMP team waits at every barrier
+    for a worker the scheduler has parked (measured, 2 cores: two evals with 2 threads each took
+    4.1x the lone time, with 1 thread each 1.7x, the floor set by their CPU time)."""
+    threads = share
+    if peers > 0:
+        threads = min(threads, max(1, share // (1 + peers)))
+    if others >= 1:
+        threads = min(threads, max(1, share - math.ceil(others)))
+    return threads
+
+
 def decide(obs: Observation, override: str | int | None = None, runtime: str = "gnu",
            user_env: dict[str, str] | None = None) -> ThreadPolicy:
     """The policy for ``obs`` (pure: no I/O). ``override`` is parsed by :func:`parse_override`;
@@ -126,15 +156,11 @@ def decide(obs: Observation, override: str | int | None = None, runtime: str = "
     user_env = user_env or {}
     if override == KEEP:
         return ThreadPolicy("torch", None, "default", False, "override: torch's own defaults kept")
-    cores = obs.affinity
-    if obs.quota is not None:
-        cores = max(1, min(cores, int(-(-obs.quota // 1))))  # a 1.5-core quota still runs 2 threads part time
-    share = max(1, cores // max(1, obs.local_ranks))
+    share = core_share(obs)
     others = obs.running if obs.running is not None else (
         max(0.0, obs.load1 - 1) if obs.load1 is not None else 0.0)
     # ranks of this job are registered too: they are accounted by the share, not as contention
     peers = max(0, obs.peers - (obs.local_ranks - 1))
-    demand = max(others, float(peers))
     contended = peers > 0 or others >= 1
     parts = [f"{obs.affinity} CPUs in affinity"]
     if obs.quota is not None:
@@ -148,8 +174,7 @@ def decide(obs: Observation, override: str | int | None = None, runtime: str = "
         parts.append(f"override {override} threads")
     else:
         mode = "auto"
-        # others already want every core of the share: leave them one core per demand, keep one for us
-        threads = max(1, share - int(demand)) if contended and demand >= share and share > 1 else share
+        threads = share_threads(share, peers, others)
     wait: WaitPolicy = "passive" if contended else "default"
     env: dict[str, str] = {}
     if "OMP_NUM_THREADS" in user_env:
@@ -295,11 +320,18 @@ def openmp_runtime() -> str:
 # ---- applying -------------------------------------------------------------------------------------
 
 _applied: ThreadPolicy | None = None
+_observed: Observation | None = None  # what the applied auto policy was decided on
+_changes: list[dict[str, Any]] = []  # rebalancing: threads changed while running
 
 
 def applied() -> dict[str, Any] | None:
     """The policy applied in this process (for reports), or None when none was."""
-    return _applied.record() if _applied is not None else None
+    if _applied is None:
+        return None
+    record = _applied.record()
+    if _changes:
+        record["rebalanced"] = list(_changes)
+    return record
 
 
 def apply_thread_policy(threads: str | int | None = None, *, environ: Any = None) -> ThreadPolicy:
@@ -310,15 +342,18 @@ def apply_thread_policy(threads: str | int | None = None, *, environ: Any = None
     loads, so afterwards only the number of threads can change (``torch.set_num_threads``), and a
     warning says so. The CLI calls it for ``prune`` and ``eval``; the library never does by itself.
     """
-    global _applied
+    global _applied, _observed
     environ = os.environ if environ is None else environ
     override = parse_override(threads, "--threads") if threads is not None else parse_override(
         environ.get(ENV), ENV)
     if override == KEEP:
         policy = decide(Observation(affinity=1), KEEP)
+        _observed = None
     else:
         user = {k: environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if environ.get(k)}
-        policy = decide(observe(), override, runtime=openmp_runtime(), user_env=user)
+        obs = observe()
+        policy = decide(obs, override, runtime=openmp_runtime(), user_env=user)
+        _observed = obs if policy.mode == "auto" and policy.threads is not None else None
     torch_loaded = "torch" in sys.modules
     if torch_loaded and "OMP_WAIT_POLICY" in policy.env:
         log.warning("torch was imported before the thread policy was applied: the OpenMP wait policy cannot "
@@ -340,3 +375,61 @@ def sync_torch() -> None:
 
     if torch.get_num_threads() != _applied.threads:
         torch.set_num_threads(_applied.threads)
+
+
+class Rebalancer:
+    """Moves the thread count to this run's share as other llmprune runs start and end.
+
+    Called often (a global forward pre-hook), it looks at the registry at most every ``interval``
+    seconds; ``set_threads`` is ``torch.set_num_threads`` (it must run on the thread that runs the
+    model: OpenMP's thread count is per calling thread)."""
+
+    def __init__(self, obs: Observation, threads: int, interval: float = 1.0, directory: Path | None = None,
+                 set_threads=None, clock=time.monotonic) -> None:
+        self.obs, self.threads, self.interval, self.directory = obs, threads, interval, directory
+        self.share = core_share(obs)
+        self.others = obs.running if obs.running is not None else 0.0
+        self.clock, self.next = clock, clock() + interval
+        self.t0 = self.next - interval
+        self.set_threads = set_threads
+
+    def check(self) -> int | None:
+        """Recount the peers when due; the new thread count when it changed, else None."""
+        now = self.clock()
+        if now < self.next:
+            return None
+        self.next = now + self.interval
+        peers = max(0, live_peers(self.directory) - (self.obs.local_ranks - 1))
+        wanted = share_threads(self.share, peers, self.others)
+        if wanted == self.threads:
+            return None
+        log.info("threads: %d -> %d (%d other llmprune run%s now)", self.threads, wanted, peers,
+                 "s" if peers != 1 else "")
+        _changes.append({"seconds": round(now - self.t0, 1), "threads": wanted, "peers": peers})
+        self.threads = wanted
+        if self.set_threads is not None:
+            self.set_threads(wanted)
+        return wanted
+
+    def __call__(self, module: Any, args: Any) -> None:  # forward pre-hook signature
+        self.check()
+
+
+_rebalancer: Rebalancer | None = None
+
+
+def start_rebalancing(interval: float = 1.0) -> Rebalancer | None:
+    """For the CLI, after :func:`apply_thread_policy`: follow other runs while this one goes on (a global
+    forward pre-hook; imports torch). Only for the automatic policy on more than one core; None otherwise.
+    The library never calls it: it changes the process's thread count."""
+    global _rebalancer
+    if _applied is None or _observed is None or _applied.threads is None or core_share(_observed) < 2:
+        return None
+    if _rebalancer is not None:
+        return _rebalancer
+    import torch
+
+    sync_torch()
+    _rebalancer = Rebalancer(_observed, _applied.threads, interval, set_threads=torch.set_num_threads)
+    torch.nn.modules.module.register_module_forward_pre_hook(_rebalancer)
+    return _rebalancer

@@ -80,3 +80,33 @@ def test_every_public_name_has_a_docstring_and_is_in_the_readme_api_section():
             doc = value.__doc__ or ""
             assert doc.strip() and not doc.startswith(f"{name}("), f"{name} has no docstring"
         assert f"`{name}" in section, f"{name} is not listed in the README's API section"
+
+
+def test_save_writes_a_checkpoint_that_loads_back_with_its_zeros(tmp_path):
+    model, tok = make_tiny_model("llama"), byte_tokenizer()
+    report = llmprune.prune(model, tok, method="wanda", sparsity=0.5, calibration=_rows(), progress=False)
+    out = llmprune.save(model, tok, tmp_path / "out", report)
+    cfg = (out / "config.json").read_text()
+    assert '"method": "wanda"' in cfg and (out / "llmprune_report.json").is_file() and (out / "README.md").is_file()
+    back = llmprune.load(out)
+    for (n, p), q in zip(model.state_dict().items(), back.state_dict().values(), strict=True):
+        assert torch.equal(p, q), n
+    # a loaded checkpoint carries its metadata: saved again without a report, compressed on request
+    comp = llmprune.save(back, tok, tmp_path / "comp", save_format="compressed")
+    assert llmprune.checkpoint.is_compressed(comp)
+    again = llmprune.load(comp)
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+def test_save_refuses_what_it_cannot_write_and_leaves_nothing(tmp_path):
+    model, tok = make_tiny_model("llama"), byte_tokenizer()
+    with pytest.raises(ValueError, match="no llmprune metadata: pass report="):
+        llmprune.save(model, tok, tmp_path / "a")
+    report = llmprune.prune(model, tok, method="magnitude", sparsity=0.5, calibration=_rows(), progress=False)
+    with pytest.raises(ValueError, match="save_format 'zip' is unknown; choose one of: dense, compressed"):
+        llmprune.save(model, tok, tmp_path / "a", report, save_format="zip")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        llmprune.save(model, tok, tmp_path / "a", report)
+    assert [p.name for p in tmp_path.iterdir()] == ["a"] and (tmp_path / "a" / "keep.txt").read_text() == "mine"

@@ -24,22 +24,27 @@ def test_idle_machine_keeps_spinning_on_all_cores():
 
 def test_one_other_runnable_task_makes_threads_sleep():
     p = decide(Observation(affinity=2, running=1.0))
-    assert (p.threads, p.wait_policy, p.contended) == (2, "passive", True)
+    assert (p.threads, p.wait_policy, p.contended) == (1, "passive", True)  # one core left
     assert p.env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert "KMP_BLOCKTIME" not in p.env  # libgomp
     assert decide(Observation(affinity=2, running=1.0), runtime="intel").env["KMP_BLOCKTIME"] == "0"
 
 
 def test_registered_peer_counts_even_before_it_runs():
-    """Two runs starting together: the registry shows the other before it loads the CPU."""
+    """Two runs starting together: the registry shows the other before it loads the CPU, and the
+    cores are split between them (an oversubscribed team waits at every barrier)."""
     p = decide(Observation(affinity=2, running=0.0, peers=1))
-    assert p.contended and p.wait_policy == "passive" and p.threads == 2
+    assert p.contended and p.wait_policy == "passive" and p.threads == 1
     assert "1 other llmprune run" in p.reason
+    assert decide(Observation(affinity=16, running=0.0, peers=1)).threads == 8
+    assert decide(Observation(affinity=16, running=0.0, peers=3)).threads == 4
+    assert decide(Observation(affinity=16, running=8.0, peers=1)).threads == 8  # the peer already runs its 8
+    assert decide(Observation(affinity=2, running=0.0, peers=5)).threads == 1
 
 
 def test_oversubscribed_machine_gets_fewer_threads():
     assert decide(Observation(affinity=2, running=2.0)).threads == 1
-    assert decide(Observation(affinity=8, running=3.0)).threads == 8  # room left: keep the share
+    assert decide(Observation(affinity=8, running=3.0)).threads == 5  # the cores left
     assert decide(Observation(affinity=8, running=10.0)).threads == 1
     assert decide(Observation(affinity=1, running=5.0)).threads == 1
 
@@ -56,6 +61,43 @@ def test_ranks_share_the_cores_and_are_not_contention():
     assert (p.threads, p.contended) == (4, False)  # the 3 peers are this job's other ranks
     assert decide(Observation(affinity=2, running=0.0, local_ranks=4)).threads == 1
     assert decide(Observation(affinity=16, running=0.0, peers=4, local_ranks=4)).contended  # one foreign run
+
+
+def test_rebalancer_follows_runs_that_start_and_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(threads, "_changes", [])
+    now = [100.0]
+    seen: list[int] = []
+    reb = threads.Rebalancer(Observation(affinity=4, running=0.0), threads=4, interval=1.0, directory=tmp_path,
+                             set_threads=seen.append, clock=lambda: now[0])
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / str(peer.pid)).write_text("llmprune eval\n")
+        assert reb.check() is None  # not due yet: the registry is read at most once per interval
+        now[0] += 1.0
+        assert reb.check() == 2 and seen == [2]  # a second run: half the cores each
+        now[0] += 0.5
+        reb(None, ())  # the forward pre-hook form; not due
+        now[0] += 1.0
+        assert reb.check() is None  # unchanged: nothing to set
+    finally:
+        peer.kill()
+        peer.wait()
+    now[0] += 1.0
+    assert reb.check() == 4 and seen == [2, 4]  # the other run ended (its stale file is dropped)
+    assert not (tmp_path / str(peer.pid)).exists()
+    assert [c["threads"] for c in threads._changes] == [2, 4]
+    monkeypatch.setattr(threads, "_applied", decide(Observation(affinity=4, running=0.0)))
+    assert threads.applied()["rebalanced"][0] == {"seconds": 1.0, "threads": 2, "peers": 1}
+
+
+def test_rebalancing_only_for_the_automatic_policy(monkeypatch):
+    monkeypatch.setattr(threads, "_rebalancer", None)
+    monkeypatch.setattr(threads, "_applied", decide(Observation(affinity=4, running=0.0), 2))
+    monkeypatch.setattr(threads, "_observed", None)  # a fixed --threads N: nothing to follow
+    assert threads.start_rebalancing() is None
+    monkeypatch.setattr(threads, "_applied", decide(Observation(affinity=1, running=0.0)))
+    monkeypatch.setattr(threads, "_observed", Observation(affinity=1, running=0.0))
+    assert threads.start_rebalancing() is None  # one core: nothing to split
 
 
 def test_rank_env():
@@ -138,7 +180,7 @@ def test_apply_sets_env_and_records(monkeypatch, tmp_path):
     monkeypatch.setattr(threads, "observe", lambda: Observation(affinity=2, running=1.0))
     environ: dict[str, str] = {}
     p = threads.apply_thread_policy(environ=environ)
-    assert environ == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert environ == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     assert threads.applied() == p.record()
     environ = {threads.ENV: "torch"}
     assert threads.apply_thread_policy(environ=environ).mode == "torch" and environ == {threads.ENV: "torch"}

@@ -124,19 +124,22 @@ def push(
     token: str | None = None,
     tokenizer: Any = None,
     license: str | None = None,
+    report: Any = None,
 ) -> PushResult:
     """Upload a pruned checkpoint folder (or an in-memory model with its ``llmprune`` config block)
     to the Hub repo ``repo_id`` in one commit, with a model card built from its metadata.
 
     Args:
         path_or_model: a folder written by ``llmprune prune`` / ``llmprune compress``, or a model
-            (saved to a temporary folder first, with ``tokenizer`` if given).
+            (saved to a temporary folder first by :func:`llmprune.save`, with ``tokenizer`` and ``report``
+            if given; without a report the model must carry llmprune metadata, as a loaded checkpoint does).
         repo_id: ``OWNER/NAME``; created if missing (``private`` applies only then).
         revision: branch to commit to (created from main if missing); None: the default branch.
         commit_message: default ``"Upload <method> <pattern> checkpoint with llmprune"``.
         create_pr: open a pull request instead of committing to the branch.
         token: a Hub token; None reads ``HF_TOKEN`` or the login cache. Sent only as a header.
         license: the card's licence when the base model's is not known to llmprune.
+        report: with a model, the :class:`llmprune.PruneReport` of its pruning (its metadata and card).
     """
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
@@ -147,11 +150,14 @@ def push(
         raise PushError(f"repo id {repo_id!r} is not OWNER/NAME (e.g. my-org/SmolLM2-135M-sparsegpt-2of4)")
     tmp: Path | None = None
     if isinstance(path_or_model, nn.Module):
+        from ..save import save
+
         tmp = Path(tempfile.mkdtemp(prefix="llmprune-push-"))
-        path_or_model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        folder = tmp
+        try:
+            folder = save(path_or_model, tokenizer, tmp / "checkpoint", report)
+        except (ValueError, TypeError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise PushError(f"cannot push this model: {e}") from None
     else:
         folder = Path(path_or_model).expanduser()
     try:
