@@ -33,9 +33,12 @@ split evenly between the llmprune runs, and each other runnable task takes one c
 oversubscribed OpenMP team is the slowest case of all: every parallel region ends at a barrier that
 waits for whichever worker the scheduler has parked.
 
-While a CLI run goes on, other runs may start or end: :func:`start_rebalancing` rechecks the
-registry at most once a second (from a forward pre-hook, on the thread that runs the model) and
-moves ``torch.set_num_threads`` to the new share, back up when the others are gone. The wait
+While a CLI run goes on, other runs and other busy tasks may start or end: :func:`start_rebalancing`
+looks again at most once a second (the registry, and ``procs_running`` minus this process's own
+running threads; from a forward pre-hook, on the thread that runs the model) and moves
+``torch.set_num_threads`` to the new share: down at once for a new llmprune run, otherwise after two
+looks in a row agree, and back up when the others are gone (a lone run that started beside a passing
+command gets its cores back). The wait
 policy cannot change after torch loads; one thread per run needs no waiting policy at all.
 
 Overrides, strongest first: ``--threads`` (CLI), ``LLMPRUNE_THREADS``; each takes ``auto``
@@ -377,35 +380,72 @@ def sync_torch() -> None:
         torch.set_num_threads(_applied.threads)
 
 
-class Rebalancer:
-    """Moves the thread count to this run's share as other llmprune runs start and end.
+def own_running_threads(task_dir: Path = Path("/proc/self/task")) -> int | None:
+    """Threads of this process in state R now (its OpenMP workers spin as R), or None when unreadable."""
+    try:
+        count = 0
+        for task in task_dir.iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue  # the thread ended
+            if stat[stat.rindex(")") + 2:].startswith("R"):
+                count += 1
+        return count
+    except (OSError, ValueError):
+        return None
 
-    Called often (a global forward pre-hook), it looks at the registry at most every ``interval``
-    seconds; ``set_threads`` is ``torch.set_num_threads`` (it must run on the thread that runs the
+
+def others_running(stat: Path = Path("/proc/stat"), task_dir: Path = Path("/proc/self/task")) -> float | None:
+    """Runnable tasks of other processes now: ``procs_running`` minus this process's running threads."""
+    total = runnable_tasks(samples=1, stat=stat)  # procs_running - 1
+    own = own_running_threads(task_dir)
+    if total is None or own is None:
+        return None
+    return max(0.0, total + 1 - own)
+
+
+class Rebalancer:
+    """Moves the thread count to this run's share as other llmprune runs and other busy tasks come and go.
+
+    Called often (a global forward pre-hook), it looks at most every ``interval`` seconds: the registry
+    (other llmprune runs) and the runnable tasks of other processes. Fewer threads are taken at once when
+    a new run registers; any other change waits until two looks in a row agree, so a passing command does
+    not move it. ``set_threads`` is ``torch.set_num_threads`` (it must run on the thread that runs the
     model: OpenMP's thread count is per calling thread)."""
 
     def __init__(self, obs: Observation, threads: int, interval: float = 1.0, directory: Path | None = None,
-                 set_threads=None, clock=time.monotonic) -> None:
+                 set_threads=None, clock=time.monotonic, others=others_running) -> None:
         self.obs, self.threads, self.interval, self.directory = obs, threads, interval, directory
         self.share = core_share(obs)
-        self.others = obs.running if obs.running is not None else 0.0
         self.clock, self.next = clock, clock() + interval
         self.t0 = self.next - interval
-        self.set_threads = set_threads
+        self.set_threads, self.others = set_threads, others
+        self.peers = max(0, obs.peers - (obs.local_ranks - 1))
+        self.pending: int | None = None
 
     def check(self) -> int | None:
-        """Recount the peers when due; the new thread count when it changed, else None."""
+        """Look again when due; the new thread count when it changed, else None."""
         now = self.clock()
         if now < self.next:
             return None
         self.next = now + self.interval
         peers = max(0, live_peers(self.directory) - (self.obs.local_ranks - 1))
-        wanted = share_threads(self.share, peers, self.others)
+        others = self.others()
+        wanted = share_threads(self.share, peers, others or 0.0)
+        new_run = peers > self.peers
+        self.peers = peers
         if wanted == self.threads:
+            self.pending = None
             return None
-        log.info("threads: %d -> %d (%d other llmprune run%s now)", self.threads, wanted, peers,
-                 "s" if peers != 1 else "")
-        _changes.append({"seconds": round(now - self.t0, 1), "threads": wanted, "peers": peers})
+        if not new_run and self.pending != wanted:  # wait for a second look that agrees
+            self.pending = wanted
+            return None
+        self.pending = None
+        log.info("threads: %d -> %d (%d other llmprune run%s, %g other runnable)", self.threads, wanted, peers,
+                 "s" if peers != 1 else "", others or 0.0)
+        _changes.append({"seconds": round(now - self.t0, 1), "threads": wanted, "peers": peers,
+                         "others_running": others})
         self.threads = wanted
         if self.set_threads is not None:
             self.set_threads(wanted)

@@ -110,6 +110,24 @@ def test_tensor_round_trip_bit_identical(pattern, dtype):
     assert torch.equal(bits(out), bits(W))
 
 
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:2"])
+def test_nm_decodes_in_chunks_across_byte_boundaries(pattern, monkeypatch):
+    """N:M indices are unpacked a chunk of groups at a time; chunk edges fall on bytes of the packed
+    indices for every index width (1, 2, 3 bits), and a last partial chunk is decoded too."""
+    import llmprune.checkpoint.compressed as comp
+
+    N, M = map(int, pattern.split(":"))
+    W = sparsify(torch.randn(13, 8 * M), pattern, seed=1) if pattern != "1:2" else torch.randn(13, 16)
+    if pattern == "1:2":
+        W.view(-1, 2)[:, 1] = 0
+    W = W.to(torch.bfloat16)
+    enc = encode("w", W, (N, M))
+    whole = decode("w", enc.entry, enc.tensors.__getitem__)
+    monkeypatch.setattr(comp, "NM_CHUNK_GROUPS", 8)  # 104 groups: 13 chunks
+    chunked = decode("w", enc.entry, enc.tensors.__getitem__)
+    assert torch.equal(bits(chunked), bits(W)) and torch.equal(bits(whole), bits(W))
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_negative_zeros_cost_a_mask_only_when_present(pattern):
     W = sparsify(torch.randn(16, 64), pattern).to(torch.bfloat16)

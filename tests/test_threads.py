@@ -65,16 +65,16 @@ def test_ranks_share_the_cores_and_are_not_contention():
 
 def test_rebalancer_follows_runs_that_start_and_end(tmp_path, monkeypatch):
     monkeypatch.setattr(threads, "_changes", [])
-    now = [100.0]
+    now, busy = [100.0], [0.0]
     seen: list[int] = []
     reb = threads.Rebalancer(Observation(affinity=4, running=0.0), threads=4, interval=1.0, directory=tmp_path,
-                             set_threads=seen.append, clock=lambda: now[0])
+                             set_threads=seen.append, clock=lambda: now[0], others=lambda: busy[0])
     peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / str(peer.pid)).write_text("llmprune eval\n")
-        assert reb.check() is None  # not due yet: the registry is read at most once per interval
+        assert reb.check() is None  # not due yet: it looks at most once per interval
         now[0] += 1.0
-        assert reb.check() == 2 and seen == [2]  # a second run: half the cores each
+        assert reb.check() == 2 and seen == [2]  # a new run: half the cores each, at once
         now[0] += 0.5
         reb(None, ())  # the forward pre-hook form; not due
         now[0] += 1.0
@@ -83,11 +83,37 @@ def test_rebalancer_follows_runs_that_start_and_end(tmp_path, monkeypatch):
         peer.kill()
         peer.wait()
     now[0] += 1.0
-    assert reb.check() == 4 and seen == [2, 4]  # the other run ended (its stale file is dropped)
-    assert not (tmp_path / str(peer.pid)).exists()
-    assert [c["threads"] for c in threads._changes] == [2, 4]
+    assert reb.check() is None  # the other run ended: one look is not enough to take the cores back
+    now[0] += 1.0
+    assert reb.check() == 4 and seen == [2, 4]  # two looks agree
+    assert not (tmp_path / str(peer.pid)).exists()  # its stale file is dropped
+    busy[0] = 3.0  # a passing command: seen once, ignored
+    now[0] += 1.0
+    assert reb.check() is None
+    busy[0] = 0.0
+    now[0] += 1.0
+    assert reb.check() is None and reb.threads == 4
+    busy[0] = 2.0  # a lasting one: two looks, then two cores left to us
+    for _ in range(2):
+        now[0] += 1.0
+        got = reb.check()
+    assert got == 2 and seen == [2, 4, 2]
+    assert [c["threads"] for c in threads._changes] == [2, 4, 2]
     monkeypatch.setattr(threads, "_applied", decide(Observation(affinity=4, running=0.0)))
-    assert threads.applied()["rebalanced"][0] == {"seconds": 1.0, "threads": 2, "peers": 1}
+    assert threads.applied()["rebalanced"][0] == {"seconds": 1.0, "threads": 2, "peers": 1, "others_running": 0.0}
+
+
+def test_others_running_subtracts_this_process_threads(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3\nprocs_running 5\nprocs_blocked 0\n")
+    tasks = tmp_path / "task"
+    for tid, state in ((10, "R"), (11, "R"), (12, "S")):
+        (tasks / str(tid)).mkdir(parents=True)
+        (tasks / str(tid) / "stat").write_text(f"{tid} (py thon) {state} 1 2 3\n")
+    assert threads.own_running_threads(tasks) == 2
+    assert threads.others_running(stat, tasks) == 3.0
+    assert threads.others_running(tmp_path / "missing", tasks) is None
+    assert threads.own_running_threads() >= 1  # this thread, running now
 
 
 def test_rebalancing_only_for_the_automatic_policy(monkeypatch):
@@ -234,11 +260,12 @@ def test_bench_script_commands_and_table(tmp_path):
     assert [pr[pr.index(f) + 1] for f in ("--method", "--sparsity", "--nsamples", "--seqlen")] == [
         "sparsegpt", "0.5", "32", "512"]
     rows = [{"kind": "eval", "policy": "policy", "threads": "auto", "lone": [30.0, 32.0, 31.0], "lone_median": 31.0,
-             "pair": [33.0, 34.1], "ratio": [33.0 / 31, 34.1 / 31]},
+             "pair": [33.0, 34.1], "ratio": [33.0 / 31, 34.1 / 31], "lone_cpu_median": 40.0, "pair_cpu": [20.0, 21.0],
+             "floor": 40.0 / 31},
             {"kind": "eval", "policy": "torch defaults", "threads": "torch", "lone": [31.0], "lone_median": 31.0,
              "pair": [68.0, 70.0], "ratio": [68 / 31, 70 / 31]}]
     md = bench.markdown({"rows": rows, "before": {}, "after": {}, "machine": "m", "runtime": "r", "date": "d",
                          "command": "python eval/bench_threads.py", "quick": False, "repeats": 3})
-    assert "| eval | policy | 31.0 | 30.0, 32.0, 31.0 | 33.0, 34.1 | 1.10x | <= 1.3x met |" in md
-    assert "| eval | torch defaults | 31.0 | 31.0 | 68.0, 70.0 | 2.26x |  |" in md
+    assert "| eval | policy | 31.0 | 30.0, 32.0, 31.0 | 40.0 | 33.0, 34.1 | 20.0, 21.0 | 1.10x | 1.29x | <= 1.3x met |" in md
+    assert "| eval | torch defaults | 31.0 | 31.0 | - | 68.0, 70.0 | - | 2.26x | - |  |" in md
     assert "lone eval: policy 31.0 s vs torch defaults 31.0 s (1.00x)" in md

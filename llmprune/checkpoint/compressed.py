@@ -79,6 +79,9 @@ def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
     return torch.from_numpy(bits).view(torch.bool)
 
 
+NM_CHUNK_GROUPS = 1 << 17  # groups decoded at a time (N:M): int64 indices of 2 MB per kept slot
+
+
 def index_bits(M: int) -> int:
     """Bits per position inside a group of M: ``ceil(log2 M)`` (2 for M=4, 3 for M=8)."""
     return max(1, (M - 1).bit_length())
@@ -188,8 +191,14 @@ def decode(name: str, entry: dict[str, Any], get, out: torch.Tensor | None = Non
     if encoding == "nm":
         N, M, bits = entry["n"], entry["m"], entry["index_bits"]
         G = shape.numel() // M
-        idx = unpack_indices(get(f"{name}.indices"), G * N, bits).view(G, N)  # [G, N]
-        flat.view(G, M).scatter_(1, idx, values.view(G, N))
+        packed = get(f"{name}.indices").reshape(-1)  # uint8, G * N indices of `bits` bits
+        dst, src = flat.view(G, M), values.view(G, N)
+        step = NM_CHUNK_GROUPS  # a multiple of 8: every chunk starts on a byte of `packed`
+        for g0 in range(0, G, step):  # in chunks: the int64 indices of a whole matrix would be 4x its bf16 size
+            g1 = min(G, g0 + step)
+            b0, b1 = g0 * N * bits // 8, -(-g1 * N * bits // 8)
+            idx = unpack_indices(packed[b0:b1], (g1 - g0) * N, bits).view(g1 - g0, N)  # [g, N]
+            dst[g0:g1].scatter_(1, idx, src[g0:g1])
         _negzero(flat, name, entry, get)
         return out
     raise CompressedFormatError(f"tensor {name!r} has unknown encoding {encoding!r}; choose one of: "
