@@ -41,8 +41,8 @@ sys.argv = ["llmprune", *sys.argv[1:]]
 try:
     runpy.run_module("llmprune.cli", run_name="__main__")
 finally:
-    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
-    open(os.environ["LLMPRUNE_BENCH_HWM"], "w").write(hwm)
+    st = {l.split(":")[0]: l.split()[1] for l in open("/proc/self/status") if l.startswith(("VmHWM:", "VmPeak:"))}
+    open(os.environ["LLMPRUNE_BENCH_HWM"], "w").write(st["VmHWM"] + " " + st["VmPeak"])
 """
 
 MAKE_DEEP = """
@@ -70,9 +70,11 @@ def run(cmd: list[str], hwm_file: Path, prefix: list[str] | None = None) -> dict
     proc = subprocess.run([*(prefix or []), sys.executable, "-c", HWM_WRAPPER, *cmd], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - t0
-    hwm = int(hwm_file.read_text()) / 1024 if hwm_file.exists() else None
-    return {"wall_s": round(wall, 1), "peak_mb": round(hwm, 1) if hwm else None, "rc": proc.returncode,
-            "tail": proc.stdout[-1500:]}
+    hwm = vm = None
+    if hwm_file.exists():  # kB: resident high-water mark, and the peak of the address space (what --as caps)
+        hwm, vm = (int(x) / 1024 for x in hwm_file.read_text().split())
+    return {"wall_s": round(wall, 1), "peak_mb": round(hwm, 1) if hwm else None,
+            "vm_peak_mb": round(vm, 1) if vm else None, "rc": proc.returncode, "tail": proc.stdout[-1500:]}
 
 
 def same_tensors(a: Path, b: Path) -> tuple[bool, int]:
@@ -196,8 +198,8 @@ def report() -> None:
         lines += [f"## Random Llama, {d['layers']} layers (hidden 512, MLP 2048), {d['weights_mb']} MB of float32 "
                   f"weights, under `prlimit --as={d['cap']}` ({d['cap_mb']} MB of address space)", "",
                   "SparseGPT 50 %, 8 x 128 C4 tokens.", "",
-                  "| path | wall (s) | peak RSS (MB) | exit |", "|---|---|---|---|",
-                  *[f"| {m} | {d[m]['wall_s']} | {d[m]['peak_mb']} | {d[m]['rc']} |"
+                  "| path | wall (s) | peak RSS (MB) | peak address space (MB) | exit |", "|---|---|---|---|---|",
+                  *[f"| {m} | {d[m]['wall_s']} | {d[m]['peak_mb']} | {d[m].get('vm_peak_mb', '-')} | {d[m]['rc']} |"
                     for m in ("low-memory", "no-low-memory", "auto")], ""]
         if "auto_same_as_streamed" in d:
             lines.append(f"The automatic choice streamed and wrote the same tensors: {d['auto_same_as_streamed']}.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -239,7 +240,10 @@ def _tune_heap() -> None:
     Fixing it also fixes the trim threshold at 128 kB, so freeing a block at the top of the
     heap would shrink the heap for the next allocation to fault back in; that threshold is
     raised too. The disk offloader trims the heap when fragmentation has grown it
-    (``malloc_trim``). The CLI owns its process, so it may set these; the library never does.
+    (``malloc_trim``). glibc also gives each thread that allocates an arena of its own, each
+    reserving 64 MiB of address space: harmless for resident memory, but an address-space cap
+    (``ulimit -v``, ``prlimit --as``) counts them, so the arenas are capped at 2 unless
+    ``MALLOC_ARENA_MAX`` is set. The CLI owns its process, so it may set these; the library never does.
     """
     if sys.platform.startswith("linux"):
         try:
@@ -248,6 +252,8 @@ def _tune_heap() -> None:
             libc = ctypes.CDLL("libc.so.6")
             libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD = 32 MiB
             libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD = 1 GiB
+            if "MALLOC_ARENA_MAX" not in os.environ:  # each thread's arena reserves 64 MiB of address space
+                libc.mallopt(-8, 2)  # M_ARENA_MAX = 2: the main heap and one more (an `ulimit -v` cap counts them)
         except (OSError, AttributeError):
             pass
 

@@ -396,13 +396,19 @@ def own_running_threads(task_dir: Path = Path("/proc/self/task")) -> int | None:
         return None
 
 
-def others_running(stat: Path = Path("/proc/stat"), task_dir: Path = Path("/proc/self/task")) -> float | None:
-    """Runnable tasks of other processes now: ``procs_running`` minus this process's running threads."""
-    total = runnable_tasks(samples=1, stat=stat)  # procs_running - 1
-    own = own_running_threads(task_dir)
-    if total is None or own is None:
-        return None
-    return max(0.0, total + 1 - own)
+def others_running(stat: Path = Path("/proc/stat"), task_dir: Path = Path("/proc/self/task"),
+                   samples: int = 3) -> float | None:
+    """Runnable tasks of other processes now: ``procs_running`` minus this process's running threads, the
+    least of a few back-to-back reads (the two files are not read at the same instant: a worker of this
+    process going to sleep between them would count as another task)."""
+    seen = []
+    for _ in range(samples):
+        total = runnable_tasks(samples=1, stat=stat)  # procs_running - 1
+        own = own_running_threads(task_dir)
+        if total is None or own is None:
+            return None
+        seen.append(max(0.0, total + 1 - own))
+    return min(seen)
 
 
 class Rebalancer:
