@@ -17,7 +17,7 @@ _EXPORTS = {
     "EvalResults": ".evaluation", "evaluate": ".evaluation",
     "PRUNERS": ".pruners", "get_pruner": ".pruners",
     "PruneReport": ".report",
-    "save": ".save",
+    "save": ".saving",
     "apply_thread_policy": ".threads",
     "apply_activation_sparsity": ".activation",
     "MergeReport": ".training", "SparsityError": ".training", "SparsityKeeper": ".training",

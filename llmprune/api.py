@@ -193,7 +193,7 @@ def prune_checkpoint(
     an interrupted run of the same config and model from it."""
     from .data import resolve_data_dir
     from .models import load_model
-    from .save import REPORT_FILE, check_output, save_pruned
+    from .saving import REPORT_FILE, check_output, save_pruned
 
     check_output(output, overwrite)  # bad output or data dir: fail before loading the model
     from .distributed import setup

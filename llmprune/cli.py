@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     from .data import CalibrationError
     from .models import ModelLoadError
-    from .save import OutputExistsError
+    from .saving import OutputExistsError
 
     from .evaluation import DatasetError, TaskError
     from .checkpoint import LoadError, PushError

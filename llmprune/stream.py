@@ -408,7 +408,7 @@ def prune_streaming(config: PruneConfig, output: str | Path, overwrite: bool = F
     from .api import prune
     from .engine import find_decoder_layers
     from .resume import Progress, check_partial
-    from .save import REPORT_FILE, check_output, save_pruned
+    from .saving import REPORT_FILE, check_output, save_pruned
 
     check_streamable(config)
     check_output(output, overwrite)

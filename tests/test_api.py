@@ -84,7 +84,8 @@ def test_every_public_name_has_a_docstring_and_is_in_the_readme_api_section():
 
 def test_save_writes_a_checkpoint_that_loads_back_with_its_zeros(tmp_path):
     model, tok = make_tiny_model("llama"), byte_tokenizer()
-    report = llmprune.prune(model, tok, method="wanda", sparsity=0.5, calibration=_rows(), progress=False)
+    report = llmprune.prune(model, tok, method="wanda", sparsity=0.5, nsamples=8, seqlen=32, calibration=_rows(),
+                            progress=False)
     out = llmprune.save(model, tok, tmp_path / "out", report)
     cfg = (out / "config.json").read_text()
     assert '"method": "wanda"' in cfg and (out / "llmprune_report.json").is_file() and (out / "README.md").is_file()
@@ -102,7 +103,8 @@ def test_save_refuses_what_it_cannot_write_and_leaves_nothing(tmp_path):
     model, tok = make_tiny_model("llama"), byte_tokenizer()
     with pytest.raises(ValueError, match="no llmprune metadata: pass report="):
         llmprune.save(model, tok, tmp_path / "a")
-    report = llmprune.prune(model, tok, method="magnitude", sparsity=0.5, calibration=_rows(), progress=False)
+    report = llmprune.prune(model, tok, method="magnitude", sparsity=0.5, nsamples=8, seqlen=32,
+                            calibration=_rows(), progress=False)
     with pytest.raises(ValueError, match="save_format 'zip' is unknown; choose one of: dense, compressed"):
         llmprune.save(model, tok, tmp_path / "a", report, save_format="zip")
     (tmp_path / "a").mkdir()

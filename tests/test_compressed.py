@@ -17,7 +17,7 @@ from llmprune.checkpoint.compressed import (
     COMPRESSED_WEIGHTS, decode, encode, index_bits, pack_bits, pack_indices, unpack_bits, unpack_indices,
 )
 from llmprune.cli import main
-from llmprune.save import save_pruned
+from llmprune.saving import save_pruned
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PATTERNS = ["unstructured", "2:4", "4:8"]

@@ -18,7 +18,7 @@ from llmprune.config import PruneConfig
 from llmprune.data import LOCAL_DIR_RECORDED, describe_source, get_calibration, portable_settings
 from llmprune.evaluation.perplexity import DatasetError, dataset_perplexity, load_text
 from llmprune.evaluation.results import EvalResults, compare_table
-from llmprune.save import REPORT_FILE, save_pruned
+from llmprune.saving import REPORT_FILE, save_pruned
 
 TEXT = " ".join(
     f"Sentence {i} tells of the {w} fox that jumps over the lazy dog near river {i % 7}."

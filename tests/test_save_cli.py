@@ -16,7 +16,7 @@ from torch import nn
 import llmprune
 from llmprune.cli import main
 from llmprune.config import PruneConfig
-from llmprune.save import REPORT_FILE, OutputExistsError, save_pruned
+from llmprune.saving import REPORT_FILE, OutputExistsError, save_pruned
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = " ".join(

@@ -35,7 +35,7 @@ _DATASETS = {  # how perplexity sources are named on the Hub, for model-index
 def recorded_model(folder: Path, meta: dict[str, Any]) -> str | None:
     """What the run loaded: ``llmprune_report.json``'s ``model`` (``embedded:...`` for the default),
     else the ``model`` setting; None for a model pruned in memory."""
-    from ..save import REPORT_FILE
+    from ..saving import REPORT_FILE
 
     path = folder / REPORT_FILE
     if path.is_file():

@@ -95,13 +95,25 @@ def pack_indices(idx: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_indices(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_indices`: int64 ``[count]``."""
+    return unpack_small_indices(packed, count, bits).long()
+
+
+def unpack_small_indices(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_indices` for ``bits <= 8``: uint8 ``[count]``. Widths that divide a byte
+    (1, 2, 4, 8 bits) are shifted out of each byte directly; others go through ``numpy.unpackbits``."""
+    if bits > 8:
+        raise CompressedFormatError(f"index width {bits} bits is over 8; the checkpoint is damaged")
+    if 8 % bits == 0:  # index k sits in byte k // (8 / bits), at bit (k % (8 / bits)) * bits
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)  # [8 / bits]
+        idx = (packed.reshape(-1, 1) >> shifts) & ((1 << bits) - 1)  # [bytes, 8 / bits] uint8
+        return idx.reshape(-1)[:count]
     import numpy as np
 
     b = np.unpackbits(packed.reshape(-1).numpy(), count=count * bits, bitorder="little").reshape(count, bits)
-    idx = np.zeros(count, dtype=np.uint8 if bits <= 8 else np.int64)  # positions inside a group
+    idx = np.zeros(count, dtype=np.uint8)  # positions inside a group
     for k in range(bits):
-        idx |= b[:, k].astype(idx.dtype) << k
-    return torch.from_numpy(idx).long()
+        idx |= b[:, k] << k
+    return torch.from_numpy(idx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,11 +206,11 @@ def decode(name: str, entry: dict[str, Any], get, out: torch.Tensor | None = Non
         packed = get(f"{name}.indices").reshape(-1)  # uint8, G * N indices of `bits` bits
         dst, src = flat.view(G, M), values.view(G, N)
         step = NM_CHUNK_GROUPS  # a multiple of 8: every chunk starts on a byte of `packed`
-        for g0 in range(0, G, step):  # in chunks: the int64 indices of a whole matrix would be 4x its bf16 size
+        for g0 in range(0, G, step):  # in chunks: int64 indices of a whole matrix would be 4x its bf16 size
             g1 = min(G, g0 + step)
             b0, b1 = g0 * N * bits // 8, -(-g1 * N * bits // 8)
-            idx = unpack_indices(packed[b0:b1], (g1 - g0) * N, bits).view(g1 - g0, N)  # [g, N]
-            dst[g0:g1].scatter_(1, idx, src[g0:g1])
+            idx = unpack_small_indices(packed[b0:b1], (g1 - g0) * N, bits).view(g1 - g0, N)  # [g, N] uint8
+            dst[g0:g1].scatter_(1, idx.long(), src[g0:g1])
         _negzero(flat, name, entry, get)
         return out
     raise CompressedFormatError(f"tensor {name!r} has unknown encoding {encoding!r}; choose one of: "
@@ -248,14 +260,14 @@ def _compressed_name(shard: Path, count: int) -> str:
 
 def _atomic(dst: Path, overwrite: bool):
     """A temporary sibling folder of ``dst`` to write into, and a function that moves it into place."""
-    from ..save import check_output
+    from ..saving import check_output
 
     dst = check_output(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
 
     def finish() -> Path:
-        from ..save import _umask_permissions
+        from ..saving import _umask_permissions
 
         _umask_permissions(tmp)
         if dst.exists():

@@ -150,7 +150,7 @@ def push(
         raise PushError(f"repo id {repo_id!r} is not OWNER/NAME (e.g. my-org/SmolLM2-135M-sparsegpt-2of4)")
     tmp: Path | None = None
     if isinstance(path_or_model, nn.Module):
-        from ..save import save
+        from ..saving import save
 
         tmp = Path(tempfile.mkdtemp(prefix="llmprune-push-"))
         try:
