@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 # runs the CLI, then writes the process's peak resident memory (VmHWM, kB) to $LLMPRUNE_BENCH_HWM
 HWM_WRAPPER = """
@@ -121,6 +122,18 @@ def part_embedded(args, work: Path, hwm: Path) -> dict:
         res[mode] = run([*common, f"--{mode}", "--output", str(work / mode)], hwm)
         print(mode, {k: v for k, v in res[mode].items() if k != "tail"}, flush=True)
     res["same_tensors"], res["tensors"] = same_tensors(work / "no-low-memory", work / "low-memory")
+    if args.peer_python:  # llm-compressor's oneshot on the same model, calibration and settings, in this run
+        from bench_prune import run_measured
+
+        from llmprune.models import embedded_model_path
+
+        cmd = [args.peer_python, str(HERE / "peer_llmcompressor.py"), "--model", str(embedded_model_path()),
+               "--method", "sparsegpt", "--sparsity", "0.5", "--data-dir", args.data_dir, "--nsamples", "32",
+               "--seqlen", "512", "--seed", "0", "--output", str(work / "peer")]
+        m = run_measured(cmd, {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        res["llm-compressor"] = {"wall_s": round(m["wall_s"], 1), "peak_mb": round(m["peak_rss_mb"], 1), "rc": m["rc"],
+                                 "tail": m["output"][-1500:]}
+        print("llm-compressor", {k: v for k, v in res["llm-compressor"].items() if k != "tail"}, flush=True)
     return res
 
 
@@ -174,24 +187,27 @@ def report() -> None:
     meta = {"command": "python eval/bench_stream.py --data-dir ../shared/data --parts embedded|deep|dist; "
                        "python eval/bench_stream.py --report",
             "machine": f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, shared with other jobs "
-            f"(load average {os.getloadavg()[0]:.0f} at the report)",
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM "
+            f"(load average {os.getloadavg()[0]:.1f} at the report)",
             "date": datetime.date.today().isoformat(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     lines = [
         "# Streaming and several processes: memory and time (issue 12)", "",
-        f"- command: `{meta['command']}` (each under `nice -n 10`)", f"- machine: {meta['machine']}",
+        f"- command: `{meta['command']}`", f"- machine: {meta['machine']}",
         f"- date: {meta['date']}", f"- versions: {meta['versions']}",
         "- protocol: each run a separate `llmprune prune` process; peak = the child's own VmHWM at exit "
-        "(/proc/self/status); wall = whole process (load, calibrate, prune, save). The machine was shared by "
-        "several heavy jobs: wall times are not comparable between rows, memory peaks are.", "",
+        "(/proc/self/status); peak address space = its VmPeak; wall = whole process (load, calibrate, prune, "
+        "save). Parts run one after another on an otherwise idle machine unless the notes say otherwise.", "",
     ]
     if "embedded" in results:
         e = results["embedded"]
         lines += ["## Embedded SmolLM2-135M-Instruct, SparseGPT 50 %, float32, 32 x 512 C4 tokens, seed 0", "",
                   "| path | wall (s) | peak RSS (MB) | exit |", "|---|---|---|---|",
                   *[f"| {m} | {e[m]['wall_s']} | {e[m]['peak_mb']} | {e[m]['rc']} |"
-                    for m in ("no-low-memory", "low-memory")], "",
+                    for m in ("no-low-memory", "low-memory", "llm-compressor") if m in e], "",
+                  *([f"Streamed peak / llm-compressor's: {e['low-memory']['peak_mb'] / e['llm-compressor']['peak_mb']:.2f}x "
+                     f"(in memory: {e['no-low-memory']['peak_mb'] / e['llm-compressor']['peak_mb']:.2f}x)", ""]
+                    if "llm-compressor" in e and e["llm-compressor"]["rc"] == 0 else []),
                   f"Same checkpoint: {e['same_tensors']} ({e['tensors']} tensors compared with `torch.equal`).", ""]
     if "deep" in results:
         d = results["deep"]
@@ -227,6 +243,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=200)
     ap.add_argument("--cap-gb", type=float, default=2.5, help="address-space cap of the deep model's runs")
     ap.add_argument("--report", action="store_true", help="only write stream.md/json from the parts' results")
+    ap.add_argument("--peer-python", help="python of a venv with llmcompressor: its oneshot beside the embedded part")
     args = ap.parse_args()
     if args.report:
         report()
