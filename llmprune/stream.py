@@ -42,6 +42,9 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # what a Hub snapshot needs for streaming: the shards, config/index/tokenizer JSON, tokenizer models
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"]
+# Called with no arguments when a streamed run starts. The library registers none; the CLI, which owns its
+# process, registers its heap setting for streaming (small allocations only on the heap: see cli._tune_heap).
+STREAM_HOOKS: list = []
 FIT_FRACTION = 0.7  # in-memory pruning when the weights take at most this share of the memory available
 
 
@@ -413,6 +416,8 @@ def prune_streaming(config: PruneConfig, output: str | Path, overwrite: bool = F
     check_streamable(config)
     check_output(output, overwrite)
     staging = check_partial(output, resume, overwrite)
+    for hook in STREAM_HOOKS:
+        hook()
     t0 = time.perf_counter()
     folder = folder or resolve_folder(config.model, config.trust_remote_code)
     model, index = build_skeleton(folder, config)
