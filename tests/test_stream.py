@@ -162,15 +162,20 @@ def test_streaming_refuses_what_needs_the_whole_model(tmp_path):
         prune_checkpoint(cfg, tmp_path / "out", progress=False)
 
 
-def test_cli_low_memory(tmp_path, calib_text):
+def test_cli_low_memory(tmp_path, calib_text, monkeypatch):
+    import llmprune.stream
+    from llmprune import cli
     from llmprune.cli import main
 
+    calls: list[str] = []
+    monkeypatch.setattr(llmprune.stream, "STREAM_HOOKS", [])
+    monkeypatch.setattr(cli, "_heap_for_streaming", lambda: calls.append("heap"))  # the CLI's process setting
     src = _save_tiny("qwen2", tmp_path / "src")
     (src / "calib.txt").write_text(calib_text)
     rc = main(["prune", str(src), "--method", "wanda", "--sparsity", "0.5", "--calib", str(src / "calib.txt"),
                "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--low-memory", "--output",
                str(tmp_path / "out"), "--quiet"])
-    assert rc in (0, None)
+    assert rc in (0, None) and calls == ["heap"]  # registered by the CLI, run once the run streams
     index = json.loads((tmp_path / "out" / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) == 3  # the rest, then one shard per decoder layer
     from transformers import AutoModelForCausalLM
