@@ -60,7 +60,7 @@ def save_results(res: dict, path: Path = RESULTS) -> None:
 
 
 def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores (shared with other jobs), torch {torch.__version__}"
+    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def run_cell(cell: str, data_dir: str, windows: int) -> dict:
@@ -182,8 +182,7 @@ def markdown(res: dict) -> str:
     d = res.get("decode") or {}
     if d.get("levels"):
         lines += ["", f"Greedy decode ({d['new_tokens']} new tokens after a {d['prompt']}-token WikiText-2 prompt, "
-                      f"batch 1, {d['threads']} threads, best of repeats; {d['date']}; the machine was shared, so "
-                      "ratios are indicative): dense "
+                      f"batch 1, {d['threads']} threads, best of repeats; {d['date']}): dense "
                       f"{d['dense_tokens_per_s']:.2f} tokens/s.", "",
                   "| teal uniform | tokens/s (sparse decode) | ratio | same tokens as dense-with-thresholds | thresholds |",
                   "|---|---|---|---|---|"]
