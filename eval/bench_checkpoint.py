@@ -2,7 +2,7 @@
 
 Reproduce (one command; writes eval/results/checkpoint.md and checkpoint.json):
 
-    LLMPRUNE_DATA_DIR=/work/shared/data nice -n 10 python eval/bench_checkpoint.py --work /tmp/bench-ckpt
+    LLMPRUNE_DATA_DIR=/work/shared/data python eval/bench_checkpoint.py --work /tmp/bench-ckpt
 
 Protocol: the embedded SmolLM2-135M-Instruct is pruned in bfloat16 with ``--method magnitude``
 (the format does not depend on the method) at 50 % unstructured and at 2:4, saved dense, then
@@ -96,10 +96,10 @@ def measure(folder: Path, threads: int) -> dict:
 def render(rows: list[dict], args: argparse.Namespace) -> str:
     """Write the table (markdown) and the raw numbers (JSON) for the cases measured so far."""
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    cmd = "LLMPRUNE_DATA_DIR=/work/shared/data nice -n 10 python eval/bench_checkpoint.py --work " + args.work
+    cmd = " ".join(["python", "eval/bench_checkpoint.py", *sys.argv[1:]])
     lines = [
         "# Checkpoint size and loading: dense vs compressed", "",
-        f"Command: `{cmd}`  ", f"Machine: {machine}, shared with other jobs (timings are noisy)  ",
+        f"Command: `{cmd}`  ", f"Machine: {machine}, load average {os.getloadavg()[0]:.1f} at the end  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
         f"Protocol: embedded SmolLM2-135M-Instruct, bfloat16, pruned with `--method {args.method}` (the format does "
         "not depend on the method); size = all `*.safetensors` in the folder; load = `llmprune.load(folder)` in a "
