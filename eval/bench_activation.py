@@ -16,6 +16,7 @@ results accumulate in ``eval/results/activation.json`` (a cell run again replace
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -42,6 +43,9 @@ def parse_cell(cell: str) -> dict:
             **({"activation_greedy_step": GREEDY_STEP} if alloc == "greedy" else {}), **(method or {})}
 
 
+NOTES = "## Notes\n"
+
+
 def load_results(path: Path = RESULTS) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"cells": {}, "decode": {}}
 
@@ -56,7 +60,11 @@ def save_results(res: dict, path: Path = RESULTS) -> None:
     if not res.get("decode") and now.get("decode"):
         merged["decode"] = now["decode"]
     path.write_text(json.dumps(merged, indent=1) + "\n")
-    path.with_suffix(".md").write_text(markdown(merged))
+    md = path.with_suffix(".md")
+    old = md.read_text() if md.is_file() else ""
+    # hand-written notes (what the numbers mean, what is missing) survive a rerun of some cells
+    notes = old[old.index(NOTES):] if NOTES in old else ""
+    md.write_text(markdown(merged) + ("\n" + notes if notes else ""))
 
 
 def machine() -> str:
@@ -108,44 +116,58 @@ def quick_thresholds(model, tok, pct: int, data_dir: str, windows: int) -> tuple
     return report.metadata()["activation"], f"timing-only calibration on {windows} x 512 C4 tokens"
 
 
-def decode(res: dict, data_dir: str, new_tokens: int, repeats: int, decode_calib: int = 4) -> dict:
-    """Greedy decode tokens/s: dense model, then each teal-uniform level's thresholds on the sparse path."""
+def decode(res: dict, data_dir: str, new_tokens: int, repeats: int, decode_calib: int = 4,
+           attention: str = "eager") -> dict:
+    """Greedy decode tokens/s: dense model, then each teal-uniform level's thresholds on the sparse path,
+    all with the same attention implementation (eager: what ``llmprune.load(sparse_decode=True)`` picks
+    on the CPU, and the faster one for the dense model too)."""
     from llmprune.activation import apply_activation_sparsity
     from llmprune.evaluation.perplexity import load_text, tokenize_once
     from llmprune.models import load_model
 
     model, tok, _ = load_model(None, dtype="float32")
+    model.set_attn_implementation(attention)
     ids = tokenize_once(tok, load_text("wikitext2", data_dir).text)[:64][None]  # [1, 64] prompt
 
-    def timed() -> tuple[float, list[int]]:
-        best, out = float("inf"), None
-        for _ in range(repeats):
-            t = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                     pad_token_id=tok.eos_token_id)
-            best = min(best, time.perf_counter() - t)
-        return new_tokens / best, out[0, ids.shape[1]:].tolist()
+    def once() -> tuple[float, list[int]]:
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tok.eos_token_id)
+        return time.perf_counter() - t, out[0, ids.shape[1]:].tolist()
 
-    dense_tps, _ = timed()
-    out = {"dense_tokens_per_s": dense_tps, "new_tokens": new_tokens, "prompt": int(ids.shape[1]),
-           "threads": torch.get_num_threads(), "machine": machine(),
+    once()  # warm-up
+    out = {"new_tokens": new_tokens, "prompt": int(ids.shape[1]), "repeats": repeats,
+           "threads": torch.get_num_threads(), "machine": machine(), "attention": attention,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "levels": {}}
-    for pct in (25, 40, 50):
-        cell = res["cells"].get(f"teal-uniform-{pct}")
+    for pct in (0, 25, 40, 50):
+        cell = res["cells"].get(f"teal-uniform-{max(pct, 25)}")
         source = f"teal-uniform-{pct} cell (32 x 512 C4)"
-        if cell is None:  # thresholds for timing only, from a small calibration (decode speed depends on the level)
+        if pct == 0:  # every input survives: what the transposed layout alone gains
+            if cell is None:
+                continue
+            thresholds = copy.deepcopy(cell["activation"])
+            for t in thresholds["thresholds"].values():
+                t["threshold"] = 0.0
+            source = "every threshold 0 (no input dropped)"
+        elif cell is None:  # thresholds for timing only, from a small calibration (decode speed depends on the level)
             thresholds, source = quick_thresholds(model, tok, pct, data_dir, decode_calib)
         else:
             thresholds = cell["activation"]
-        h = apply_activation_sparsity(model, thresholds)
-        _, ref_tokens = timed()
-        h.remove()
-        h = apply_activation_sparsity(model, thresholds, sparse_decode=True)
-        tps, tokens = timed()
-        h.remove()
-        out["levels"][str(pct)] = {"tokens_per_s": tps, "ratio": tps / dense_tps, "same_tokens": tokens == ref_tokens,
-                                   "thresholds": source}
+        with apply_activation_sparsity(model, thresholds):
+            _, ref_tokens = once()  # the thresholded dense path's tokens
+        # dense and sparse runs alternate, so that a drift of the machine's speed hits both alike
+        dense_s, sparse_s, tokens = [], [], None
+        for _ in range(repeats):
+            dense_s.append(once()[0])
+            with apply_activation_sparsity(model, thresholds, sparse_decode=True):
+                sec, tokens = once()
+            sparse_s.append(sec)
+        dense_tps, tps = new_tokens / min(dense_s), new_tokens / min(sparse_s)
+        diff = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
+        out["levels"][str(pct)] = {"tokens_per_s": tps, "dense_tokens_per_s": dense_tps, "ratio": tps / dense_tps,
+                                   "same_tokens": tokens == ref_tokens, "first_different_token": diff,
+                                   "thresholds": source, "dense_seconds": dense_s, "sparse_seconds": sparse_s}
         log.info("decode at %d %%: %.2f tok/s (dense %.2f), x%.2f, same tokens %s", pct, tps, dense_tps,
                  tps / dense_tps, tokens == ref_tokens)
     return out
@@ -163,7 +185,8 @@ def markdown(res: dict) -> str:
         "raw test, seqlen 2048, first 16 windows; 'WikiText-2 sparsity' is what the thresholds reach on those "
         "windows (held-out text), weighted by the weights each thresholded tensor feeds (cats: the gated MLP "
         "activation only).",
-        f"Machine: {res.get('decode', {}).get('machine') or machine()}.",
+        f"Machine: {res.get('decode', {}).get('machine') or machine()}"
+        + (f"; {res['machine_note']}" if res.get("machine_note") else "") + ".",
         "",
         f"Dense perplexity: {dense:.2f}" if dense else "Dense perplexity: not re-measured here; 20.60 in "
         "eval/results/eval.md (same protocol); ratios below use it",
@@ -182,12 +205,17 @@ def markdown(res: dict) -> str:
     d = res.get("decode") or {}
     if d.get("levels"):
         lines += ["", f"Greedy decode ({d['new_tokens']} new tokens after a {d['prompt']}-token WikiText-2 prompt, "
-                      f"batch 1, {d['threads']} threads, best of repeats; {d['date']}): dense "
-                      f"{d['dense_tokens_per_s']:.2f} tokens/s.", "",
-                  "| teal uniform | tokens/s (sparse decode) | ratio | same tokens as dense-with-thresholds | thresholds |",
-                  "|---|---|---|---|---|"]
+                      f"batch 1, {d['threads']} threads, {d.get('attention', 'sdpa')} attention; {d['date']}): "
+                      f"for each level the dense model and the sparse decode path run in turn, "
+                      f"{d.get('repeats', 3)} times each, best of each.", "",
+                  "| teal uniform | tokens/s dense | tokens/s (sparse decode) | ratio | same tokens as "
+                  "dense-with-thresholds | thresholds |",
+                  "|---|---|---|---|---|---|"]
         for pct, lv in d["levels"].items():
-            lines.append(f"| {pct} % | {lv['tokens_per_s']:.2f} | {lv['ratio']:.2f}x | {lv['same_tokens']} | "
+            same = str(lv["same_tokens"]) if lv.get("first_different_token") is None \
+                else f"from token {lv['first_different_token'] + 1} of {d['new_tokens']} on, no"
+            dense_tps = lv.get("dense_tokens_per_s", d.get("dense_tokens_per_s", float("nan")))
+            lines.append(f"| {pct} % | {dense_tps:.2f} | {lv['tokens_per_s']:.2f} | {lv['ratio']:.2f}x | {same} | "
                          f"{lv.get('thresholds', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -203,6 +231,7 @@ def main() -> None:
     ap.add_argument("--decode-only", action="store_true", help="only time decode, from the saved thresholds")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attention", default="eager", help="attention implementation for decode timing")
     ap.add_argument("--decode-calib", type=int, default=4,
                     help="windows of a timing-only calibration for levels whose teal-uniform cell is missing")
     args = ap.parse_args()
@@ -219,7 +248,8 @@ def main() -> None:
                      res["cells"][cell]["wikitext2_sparsity"])
             save_results(res, args.results)
     if args.decode or args.decode_only:
-        res["decode"] = decode(res, args.data_dir, args.new_tokens, args.repeats, args.decode_calib)
+        res["decode"] = decode(res, args.data_dir, args.new_tokens, args.repeats, args.decode_calib,
+                               args.attention)
         save_results(res, args.results)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 import llmprune
 from llmprune.activation import apply_activation_sparsity, apply_from_config, installed
 from llmprune.activation.apply import SparseDecodeLinear
+from llmprune.checkpoint import LoadError
 from llmprune.config import ConfigError, PruneConfig
 
 TEXT = " ".join(f"Line {i}: the {w} fox jumps over the lazy dog by river {i % 5}." for i, w in
@@ -187,6 +188,11 @@ def test_save_load_apply_gives_the_in_memory_logits(ids, tmp_path):
     assert torch.allclose(_logits(loaded, ids), expected, atol=1e-5, rtol=0)
     fast = llmprune.load(tmp_path / "out", sparse_decode=True)
     assert isinstance(fast.model.layers[0].mlp.down_proj, SparseDecodeLinear)
+    assert fast.config._attn_implementation == "eager"  # CPU decode steps: faster than sdpa
+    assert llmprune.load(tmp_path / "out", sparse_decode=True,
+                         attn_implementation="sdpa").config._attn_implementation == "sdpa"
+    with pytest.raises(LoadError, match="attn_implementation='nope'"):
+        llmprune.load(tmp_path / "out", attn_implementation="nope")
     assert torch.allclose(_logits(fast, ids), expected, atol=1e-5, rtol=0)  # prefill: the dense path
     kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert fast.generate(ids[:1, :5], **kw).tolist() == loaded.generate(ids[:1, :5], **kw).tolist()
@@ -221,14 +227,25 @@ def test_sparse_decode_gives_the_tokens_of_the_dense_path(ids, arch, criterion):
     report.activation_handle.remove()
     handle = apply_activation_sparsity(model, meta, sparse_decode=True)
     assert any(isinstance(m, SparseDecodeLinear) for m in model.modules())
-    got = model.generate(prompt, **kw)
+    with handle.measure():
+        got = model.generate(prompt, **kw)
     assert got.tolist() == ref.tolist()
-    # and each single-token step of a swapped module equals its dense map on the same sparse input
-    lin = next(m for m in model.modules() if isinstance(m, SparseDecodeLinear))
-    x = torch.randn(1, 1, lin.in_features)
-    x[x.abs() < 0.7] = 0
-    dense = torch.nn.functional.linear(x, lin.weight if not lin.conv1d else lin.weight.t(), lin.bias)
-    assert torch.allclose(lin(x), dense, atol=1e-5)
+    fast = handle.sparsity()
+    handle.remove()
+    # the sparse path counts the zeros it skips as the thresholded dense path counts them
+    handle = apply_activation_sparsity(model, meta)
+    with handle.measure():
+        model.generate(prompt, **kw)
+    assert fast["tensors"] == pytest.approx(handle.sparsity()["tensors"], abs=1e-12)
+    handle.remove()
+    # and each single-token step of a swapped module equals its dense map on the thresholded input
+    handle = apply_activation_sparsity(model, meta, sparse_decode=True)
+    for lin in (m for m in model.modules() if isinstance(m, SparseDecodeLinear)):
+        x = torch.randn(1, 1, lin.in_features) * 3
+        x[x.abs() < 0.7] = 0
+        xs = lin.thr[0](x) if lin.thr else x
+        dense = torch.nn.functional.linear(xs, lin.weight if not lin.conv1d else lin.weight.t(), lin.bias)
+        assert torch.allclose(lin(x), dense, atol=1e-5)
     handle.remove()
 
 

@@ -14,9 +14,10 @@ mask is computed once per tensor.
 ``sparse_decode=True`` (CPU, batch-1 decode): every thresholded ``nn.Linear`` / GPT-2 ``Conv1D``
 gets its weight stored transposed (``W^T [in, out]``, rows contiguous; the Parameter keeps its
 shape and name, ``weight.data`` becomes a transposed view) and a :class:`SparseDecodeLinear`
-computes ``y = Σ_{j: x_j ≠ 0} x_j W^T[j]`` for a single token with one ``embedding_bag`` (a
+computes ``y = Σ_{j: |x_j| ≥ t} x_j W^T[j]`` for a single token with one ``embedding_bag`` (a
 gather-and-sum over the surviving rows that never materialises them): only the columns of ``W``
-whose inputs survive are read. Prefill and batched calls take the dense path (``F.linear`` on the
+whose inputs survive are read. It applies the threshold itself (no pre-hook): the mask goes to
+the surviving indices at once, once per shared input. Prefill and batched calls take the dense path (``F.linear`` on the
 transposed view: the same GEMM). ``remove`` puts the weights back in their own layout.
 """
 
@@ -77,6 +78,9 @@ class ActivationThreshold(nn.Module):
         self._last_in: weakref.ref | None = None
         self._last_out: torch.Tensor | None = None
         self._uses = 0
+        self._rows_in: weakref.ref | None = None  # the same memo for the sparse decode path's (idx, values)
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rows_uses = 0
         self.measuring = False
         self.zeros = 0
         self.total = 0
@@ -113,6 +117,31 @@ class ActivationThreshold(nn.Module):
         return out
 
 
+    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For one token ``x [..., in]``: the surviving inputs' indices ``idx [k]`` and values ``[k]``.
+
+        The sparse decode path's form of :meth:`shared` (computed once for the members reading ``x``):
+        the mask goes straight to indices, without the zero-filled copy of ``x``.
+        """
+        last = self._rows_in() if self._rows_in is not None else None
+        if last is x and self._rows is not None:
+            out = self._rows
+        else:
+            v = x.reshape(-1)  # [in]
+            t = self.threshold if self.per_feature is None else self._feature_thresholds(x)
+            idx = (v.abs() >= t).nonzero().squeeze(1)  # [k]
+            vals = v.index_select(0, idx)  # [k]
+            if self.measuring:
+                self.zeros += v.numel() - int(torch.count_nonzero(vals))
+                self.total += v.numel()
+            out = idx, vals
+            self._rows_in, self._rows, self._rows_uses = weakref.ref(x), out, 0
+        self._rows_uses += 1
+        if self._rows_uses >= len(self.spec.members):
+            self._rows_in, self._rows = None, None
+        return out
+
+
 class SparseDecodeLinear(nn.Module):
     """A linear map that, for one token, reads only the rows of ``W^T`` whose inputs are nonzero.
 
@@ -121,10 +150,13 @@ class SparseDecodeLinear(nn.Module):
     ``W^T [in, out]``. CPU only: on other devices every call is the dense ``F.linear``.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, thr: ActivationThreshold | None = None):
         super().__init__()
         self.conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores W^T [in, out] already
         self.original = [module]  # not a submodule: restored by remove()
+        # the threshold on this module's input (applied here, not by a pre-hook, so that a decode step
+        # goes from the mask to the surviving rows at once); None: the input is sparse already (CATS down_proj)
+        self.thr = [thr] if thr is not None else []  # a list: the threshold module is not a submodule here
         self.weight = module.weight
         self.bias = module.bias
         if not self.conv1d:
@@ -137,13 +169,19 @@ class SparseDecodeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features and x.device.type == "cpu" and not x.requires_grad:
-            v = x.reshape(-1)  # [in]
-            idx = v.nonzero().squeeze(1)  # [k] surviving inputs
+            if self.thr:
+                idx, vals = self.thr[0].rows(x)  # [k] surviving inputs, their values
+            else:
+                v = x.reshape(-1)  # [in]
+                idx = v.nonzero().squeeze(1)
+                vals = v.index_select(0, idx)
             y = F.embedding_bag(idx, self._WT(), self._offsets, mode="sum",
-                                per_sample_weights=v.index_select(0, idx).to(self.weight.dtype))  # [1, out]
+                                per_sample_weights=vals.to(self.weight.dtype))  # [1, out]
             if self.bias is not None:
                 y = y + self.bias
             return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+        if self.thr:
+            x = self.thr[0].shared(x)
         if self.conv1d:
             out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight) if self.bias is not None \
                 else x.reshape(-1, x.shape[-1]) @ self.weight
@@ -277,11 +315,11 @@ def install(model: nn.Module, criterion: str, specs: list[ThresholdSpec],
                 target = names[member]
                 if sparse_decode and spec.site == "input" and (
                         isinstance(target, nn.Linear) or type(target).__name__ == "Conv1D"):
-                    wrapper = SparseDecodeLinear(target)
+                    wrapper = SparseDecodeLinear(target, mod)  # applies the threshold itself
                     _set_module(model, member, wrapper)
                     handle.swapped[member] = wrapper
-                    target = wrapper
-                handle.handles.append(_register(target, mod, spec.site))
+                else:
+                    handle.handles.append(_register(target, mod, spec.site))
                 if sparse_decode and spec.site == "output":  # CATS: down_proj reads the zeros of act * up
                     parent = member.rpartition(".")[0]
                     down = f"{parent}.down_proj" if parent else "down_proj"

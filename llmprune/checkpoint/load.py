@@ -162,6 +162,7 @@ def load(
     allow_pickle: bool = False,
     hooks: bool = True,
     sparse_decode: bool = False,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """Load a causal LM from a dense or compressed llmprune checkpoint (or any transformers one).
 
@@ -174,6 +175,11 @@ def load(
         hooks: run :data:`LOAD_HOOKS` (e.g. install recorded activation thresholds); False skips them.
         sparse_decode: with activation thresholds, batch-1 CPU decode reads only the weight rows of the
             inputs that survive (weights stored transposed; see :mod:`llmprune.activation.apply`).
+            On the CPU it also selects eager attention unless ``attn_implementation`` says otherwise:
+            one query against the cache runs faster there than through sdpa's CPU kernel
+            (eval/results/activation.md).
+        attn_implementation: transformers' attention implementation (``"eager"``, ``"sdpa"``, ...);
+            None keeps the checkpoint's (or the default above).
 
     Returns the model in eval mode. The tokenizer loads separately with
     ``AutoTokenizer.from_pretrained(path)``.
@@ -206,6 +212,23 @@ def load(
         from ..activation.apply import use_sparse_decode
 
         use_sparse_decode(model)
+        if attn_implementation is None and (device is None or torch.device(device).type == "cpu"):
+            attn_implementation = "eager"
+            log.info("sparse_decode: eager attention (faster than sdpa for one-token CPU decode steps); "
+                     "pass attn_implementation= to choose another")
+    if attn_implementation is not None:
+        _set_attention(model, attn_implementation)
     if device is not None:
         model.to(device)
     return model
+
+
+def _set_attention(model: nn.Module, name: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:
+        raise LoadError(f"attn_implementation={name!r}: this transformers version cannot switch a loaded model's "
+                        "attention; upgrade transformers or leave attn_implementation unset")
+    try:
+        setter(name)
+    except (ValueError, ImportError) as e:
+        raise LoadError(f"attn_implementation={name!r} is not available for {type(model).__name__}: {e}") from e
