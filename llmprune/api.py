@@ -152,7 +152,7 @@ def prune(
     t1 = time.perf_counter()
     run = SequentialRun(model, ids, device=device, batch_size=config.batch_size, targets=config.targets,
                         ignore=config.ignore, progress=progress, residency=residency,
-                        sequential=config.sequential)
+                        sequential=config.sequential, execution=config.execution)
     seconds = {"calibration": t1 - t0}
     if allocator is not None:
         run.observe(allocator.needs, allocator.observe, keep_first=prune_needs)

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 PROGRESS_FILE = "progress.json"
 FORMAT = 1
 # fields that change how a run executes, never its result
-NOT_HASHED = ("low_memory",)
+NOT_HASHED = ("low_memory", "execution")  # no bearing on the result
 _MIB = 2**20
 
 

@@ -253,6 +253,20 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         mod._buffers[attr] = value
 
 
+def _set_tied(root: nn.Module, names: list[str], value: torch.Tensor) -> None:
+    """Point every one of ``names`` (one tensor, tied) at ``value``: one Parameter object for all of them."""
+    def slot(name: str) -> tuple[dict, str]:
+        mod_name, _, attr = name.rpartition(".")
+        mod = root.get_submodule(mod_name) if mod_name else root
+        return (mod._parameters if attr in mod._parameters else mod._buffers), attr
+
+    _set_tensor(root, names[0], value)
+    table, attr = slot(names[0])
+    for name in names[1:]:
+        other, other_attr = slot(name)
+        other[other_attr] = table[attr]
+
+
 def _persistent_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters and persistent buffers of ``module`` (what ``state_dict`` holds), by name, shared ones once."""
     seen = set()
@@ -323,6 +337,9 @@ class ShardStream:
         self._libc = _libc()
         self.shards: dict[str, list[str]] = {}  # shard file -> tensor names, in writing order
         self.bytes = 0
+        self.aside: list[tuple[list[str], str, torch.dtype]] = []  # (names of one tensor, its shard name, dtype)
+
+    memory_first = True  # execution "auto" replays chunks instead of holding all of them (SequentialRun)
 
     def acquire(self, index: int, layer: nn.Module) -> None:
         for name, _ in list(_persistent_state(layer)):
@@ -332,7 +349,34 @@ class ShardStream:
     fetch = acquire  # an observe-only pass reads the layer the same way
 
     def set_aside(self, model: nn.Module, layers: list[nn.Module]) -> None:
-        """Nothing to do: the parts outside the layers are small and were loaded once."""
+        """Once the first layer's inputs are captured, the tensors outside the layers (embeddings,
+        final norm, head: 113 MB of the embedded model, 2 GB of a Llama-3-8B) go back to the meta
+        device; :meth:`bring_back` reads them from the shards again for another capture or the writing.
+        Tensors not stored in the shards (computed buffers) stay."""
+        inside = {id(t) for layer in layers for t in layer.state_dict(keep_vars=True).values()}
+        names: dict[int, list[str]] = {}  # tied parameters: one tensor, several names
+        tensors: dict[int, torch.Tensor] = {}
+        for name, t in model.state_dict(keep_vars=True).items():
+            if id(t) not in inside and t.device.type != "meta":
+                names.setdefault(id(t), []).append(name)
+                tensors[id(t)] = t
+        for key, group in names.items():
+            stored = next((n for n in group if n in self.index.weight_map), None)
+            if stored is None:
+                continue
+            t = tensors[key]
+            self.aside.append((group, stored, t.dtype))
+            _set_tied(model, group, torch.empty_like(t, device="meta"))
+        del tensors
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+
+    def bring_back(self, model: nn.Module) -> None:
+        """The tensors :meth:`set_aside` took off, read again (the same values: cast as on loading)."""
+        for group, stored, dtype in self.aside:
+            value = self.index.get(stored)
+            _set_tied(model, group, value.to(dtype) if value.is_floating_point() else value)
+        self.aside = []
 
     def _drop(self, layer: nn.Module) -> None:
         for name, t in list(_persistent_state(layer)):
@@ -365,6 +409,7 @@ class ShardStream:
 
         from .engine import find_decoder_layers
 
+        self.bring_back(model)
         _, layers = find_decoder_layers(model)
         inside = {id(t) for layer in layers for t in layer.state_dict(keep_vars=True).values()}
         rest = {k: t.detach() for k, t in model.state_dict(keep_vars=True).items() if id(t) not in inside}

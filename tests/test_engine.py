@@ -330,6 +330,21 @@ def test_replayed_chunks_prune_exactly_like_lockstep(arch, method, pattern, cali
     assert (meta["sequential"], meta["execution"], meta["masks_sha256"]) == ("within-layer", "replay", rb.masks_sha256)
 
 
+def test_execution_setting_overrides_free_memory(calib_ids, chunks_of_two, monkeypatch):
+    """``execution='replay'`` / ``'lockstep'`` choose the path whatever the free memory; same weights."""
+    from llmprune.config import ConfigError, PruneConfig
+
+    a, b = make_tiny_model("llama"), make_tiny_model("llama")
+    ra = _prune(a, calib_ids, method="sparsegpt", execution="replay")
+    monkeypatch.setattr(engine.passes, "plan_batch_size", lambda n, *a, **k: 1)  # would replay on its own
+    rb = _prune(b, calib_ids, method="sparsegpt", execution="lockstep")
+    assert (ra.execution, rb.execution) == ("replay", "lockstep")
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v), k
+    with pytest.raises(ConfigError, match="execution"):
+        PruneConfig.build({"execution": "fast"})
+
+
 def test_masks_hash_tells_masks_apart(calib_ids):
     a, b = (_prune(make_tiny_model("llama"), calib_ids, sparsity=s) for s in (0.5, 0.6))
     assert a.masks_sha256 != b.masks_sha256 and len(a.masks_sha256) == 64

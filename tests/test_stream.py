@@ -89,15 +89,17 @@ def test_streaming_writes_the_in_memory_checkpoint(arch, tmp_path, calib_text):
 
 
 def test_streaming_with_an_observe_pass_and_sharded_input(tmp_path, calib_text, monkeypatch):
-    """OWL reads every dense layer first (fetch / observed), and the input may itself be sharded."""
+    """OWL reads every dense layer first (fetch / observed), and the input may itself be sharded. The
+    tensors outside the layers (tied embeddings and head) are set aside while layers run and read again
+    for each capture and for the writing; chunks are replayed when streamed, in lockstep in memory."""
     from transformers import AutoModelForCausalLM
 
-    src = _save_tiny("llama", tmp_path / "src", num_hidden_layers=4)
+    src = _save_tiny("llama", tmp_path / "src", num_hidden_layers=4, tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_pretrained(src)
     model.save_pretrained(src, max_shard_size="100KB")
     assert (src / INDEX_FILE).is_file()
     (src / "calib.txt").write_text(calib_text)
-    kw = dict(allocation="owl", owl_lambda=0.1)
+    kw = dict(allocation="owl", owl_lambda=0.1, batch_size=2)  # 2 chunks
     ra = _run(src, tmp_path / "mem", False, **kw)
     import llmprune.stream as stream
 
@@ -110,7 +112,9 @@ def test_streaming_with_an_observe_pass_and_sharded_input(tmp_path, calib_text, 
         real_acquire(self, index, layer)
         _, layers = find_decoder_layers(layer_owner[0])
         resident.append(sum(any(p.device.type != "meta" for p in lay.parameters()) for lay in layers))
+        embeddings.append(layer_owner[0].get_input_embeddings().weight.device.type)
 
+    embeddings = []
     layer_owner = []
     real_build = stream.build_skeleton
 
@@ -124,9 +128,14 @@ def test_streaming_with_an_observe_pass_and_sharded_input(tmp_path, calib_text, 
     monkeypatch.setattr(stream, "build_skeleton", build)
     rb = _run(src, tmp_path / "stream", True, **kw)
     assert resident == [1] * 8  # 4 layers observed, then 4 pruned, one at a time
+    assert embeddings == ["meta"] * 8  # set aside while the layers run
+    model = layer_owner[0]
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied again
+    assert model.get_input_embeddings().weight.device.type == "cpu"
     a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "stream")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert ra.layer_targets == rb.layer_targets and len({t for t, _ in rb.layer_targets}) > 1
+    assert (ra.execution, rb.execution) == ("lockstep", "replay")
 
 
 def test_converted_layouts_are_refused_with_the_fix(tmp_path, calib_text):

@@ -90,6 +90,7 @@ class SequentialRun:
         progress: bool = True,
         residency: LayerResidency | None = None,
         sequential: str = "within-layer",
+        execution: str = "auto",
     ):
         if sequential not in SEQUENTIAL:
             raise ValueError(f"sequential {sequential!r} is not known; choose one of: {', '.join(SEQUENTIAL)}")
@@ -107,12 +108,18 @@ class SequentialRun:
         n, L = input_ids.shape
         self.sequential = sequential
         self.chunks = list(input_ids.split(compute_chunk(L, batch_size, self.device)))
-        fits = plan_batch_size(n, L, self.layers[0], next(model.parameters()).dtype, self.device) >= n
+        if execution not in ("auto", "lockstep", "replay"):
+            raise ValueError(f"execution {execution!r} is not known; choose one of: auto, lockstep, replay")
         if sequential == "dense-layer":
             self.execution = "two passes per layer"
         elif len(self.chunks) == 1:
             self.execution = "one forward per layer"
+        elif execution != "auto":
+            self.execution = execution
+        elif getattr(residency, "memory_first", False):  # a streamed run: one chunk's activations at a time
+            self.execution = "replay"
         else:
+            fits = plan_batch_size(n, L, self.layers[0], next(model.parameters()).dtype, self.device) >= n
             self.execution = "lockstep" if fits else "replay"
         self._reuse: dict[str, InputStats] = {}  # the first layer's dense statistics, from observe()
         self.skipped: dict[str, str] = {}  # module -> why it is not a target (routers, gates)
@@ -133,6 +140,9 @@ class SequentialRun:
             )
 
     def _capture(self) -> tuple[list[torch.Tensor], list]:
+        bring_back = getattr(self.residency, "bring_back", None)
+        if bring_back is not None:  # a residency that set the embeddings aside reads them again
+            bring_back(self.model)
         hidden, calls = capture_layer_inputs(self.model, self.layers, self.chunks, self.device)
         if all(h.shape[1:] == hidden[0].shape[1:] for h in hidden):
             # one buffer for the hidden states of every chunk, which each layer's outputs overwrite
@@ -141,10 +151,12 @@ class SequentialRun:
             nbytes = hidden[0].element_size() * shape[0] * hidden[0][0].numel()
             if self.device.type == "cpu" and nbytes > SPILL_FRACTION * free_memory(self.device):
                 buffer = self._spill(shape, hidden[0].dtype)
-                torch.cat(hidden, out=buffer)
             else:
-                buffer = torch.cat(hidden)
-            hidden = list(buffer.split([h.shape[0] for h in hidden]))
+                buffer = torch.empty(shape, dtype=hidden[0].dtype, device=hidden[0].device)
+            sizes = [h.shape[0] for h in hidden]
+            for c, part in enumerate(buffer.split(sizes)):  # chunk by chunk: never two copies of them all
+                part.copy_(hidden[c])
+                hidden[c] = part
         if self.residency is not None:
             self.residency.set_aside(self.model, self.layers)
         return hidden, calls
