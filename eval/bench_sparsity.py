@@ -18,7 +18,8 @@ A config is ``method:S`` (unstructured at sparsity S) or ``method:N:M``, followe
 (allocation), ``+owl25`` (OWL with λ = 0.25, which lets 2:4 layers move to 1:4 or 3:4), ``+owlL``
 (OWL with λ = L, e.g. ``+owl0.15``), ``+dsnotref``/``+dsnotrefall`` (DSnoT with the reference's
 non-monotone stopping rule) and
-``+nopermute`` (RIA N:M without channel permutation). Rows of configs not re-run are kept from the existing results (marked). Also times
+``+nopermute`` (RIA N:M without channel permutation) and ``+admm`` (weight reconstruction on the final
+mask). Rows of configs not re-run are kept from the existing results (marked). Also times
 one dense forward of the calibration batch, the yardstick of the observe-only pass (OWL).
 Writes eval/results/sparsity.md and eval/results/sparsity.json.
 """
@@ -82,9 +83,11 @@ def parse(spec: str) -> tuple[str, list[str]]:
             flags += ["--allocation", "owl", "--owl-lambda", x[3:]]
         elif x == "nopermute":
             flags += ["--no-ria-permute"]
+        elif x == "admm":  # weight reconstruction on the final mask (issue 15's step)
+            flags += ["--reconstruct", "admm"]
         else:
-            raise SystemExit(f"unknown config part {x!r} in {spec!r}; use +dsnot, +dsnotall, +dsnotref, +dsnotrefall, +owl, +owl25 "
-                             "or +nopermute")
+            raise SystemExit(f"unknown config part {x!r} in {spec!r}; use +dsnot, +dsnotall, +dsnotref, +dsnotrefall, +owl, +owl25, "
+                             "+owlL, +nopermute or +admm")
     return base, flags
 
 
@@ -118,6 +121,8 @@ def main() -> int:
     ap.add_argument("--results", default=str(HERE / "results" / "sparsity"))
     ap.add_argument("--timing-only", action="store_true",
                     help="re-measure wall time and peak memory of configs already in the results (no perplexity)")
+    ap.add_argument("--alone", action="store_true",
+                    help="the machine runs nothing else during this run: mark its times and peaks as comparable")
     args = ap.parse_args()
 
     from llmprune.models import embedded_model_path
@@ -151,7 +156,10 @@ def main() -> int:
                 raise SystemExit(f"{spec} (seed {seed}) failed with exit code {meas['rc']}")
             report = json.loads((folder / "llmprune_report.json").read_text())
             timing = {"wall_s": meas["wall_s"], "peak_rss_mb": meas["peak_rss_mb"], "seconds": report["seconds"],
-                      "sparsity": report["measured_sparsity"], "date": datetime.date.today().isoformat()}
+                      "sparsity": report["measured_sparsity"], "date": datetime.date.today().isoformat(),
+                      "loadavg_after": os.getloadavg()[0]}
+            if args.alone:
+                timing["timed_alone"] = True
             if args.timing_only:
                 if (spec, seed) not in rows:
                     raise SystemExit(f"{spec} (seed {seed}) has no perplexity in the results yet; run it without "
@@ -218,7 +226,13 @@ def write(out: Path, state: dict, args: argparse.Namespace) -> None:
     lines += ["", "⁽*⁾ not re-timed alone: measured while other jobs shared the 2 cores (perplexity valid, time "
               "and memory not comparable)."]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    md_path = out.with_suffix(".md")
+    if md_path.is_file():  # keep the hand-written notes below the table
+        old = md_path.read_text()
+        at = old.find("\n## ")
+        if at >= 0:
+            lines += ["", old[at + 1:].rstrip("\n")]
+    md_path.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(state, indent=2) + "\n")
 
 
