@@ -161,6 +161,9 @@ def main() -> int:
                     help="for EoRA rows, also score the sparse base without its adapter (one more perplexity run)")
     ap.add_argument("--timing-only", action="store_true",
                     help="re-measure wall time and peak memory of configs already in the results (no perplexity)")
+    ap.add_argument("--alone", action="store_true",
+                    help="the machine is otherwise idle: mark this run's wall times and memory as comparable "
+                    "(the load average after each cell is recorded beside them)")
     args = ap.parse_args()
 
     from llmprune.models import embedded_model_path
@@ -190,7 +193,10 @@ def main() -> int:
         comp = report.get("compensation") or {}
         timing = {"wall_s": meas["wall_s"], "peak_rss_mb": meas["peak_rss_mb"], "seconds": report["seconds"],
                   "sparsity": report["measured_sparsity"], "date": datetime.date.today().isoformat(),
-                  "adapter_params": comp.get("adapter_params"), "adapter_fraction": comp.get("adapter_fraction")}
+                  "adapter_params": comp.get("adapter_params"), "adapter_fraction": comp.get("adapter_fraction"),
+                  "loadavg_after": os.getloadavg()[0]}
+        if args.alone:
+            timing["timed_alone"] = True
         if args.timing_only:
             if spec not in rows:
                 raise SystemExit(f"{spec} has no perplexity in the results yet; run it without --timing-only first")
@@ -221,8 +227,8 @@ def write(out: Path, state: dict, args: argparse.Namespace) -> None:
         "# Weight reconstruction (ADMM / CG on the mask), ALPS and EoRA compensation",
         "",
         *[f"- command: `{c}`" for c in state["commands"]],
-        f"- machine: {machine()}, shared with other jobs while measured (wall times under contention unless "
-        "marked as timed alone; re-time with `--timing-only` on an idle machine)",
+        f"- machine: {machine()}; wall times marked ⁽ᵃ⁾ were measured on an otherwise idle machine (`--alone` or "
+        "`--timing-only`), the others while other jobs shared the 2 cores (not comparable)",
         f"- date: {datetime.date.today().isoformat()}",
         f"- versions: torch {md.version('torch')}, transformers {md.version('transformers')}",
         f"- protocol: embedded SmolLM2-135M-Instruct, float32, CPU; calibration {args.nsamples} x {args.seqlen} "
@@ -263,7 +269,7 @@ def write(out: Path, state: dict, args: argparse.Namespace) -> None:
                       f"{r['peak_rss_mb']:.0f} | {PEER.get(_level(config), '-')} |" if r.get("peak_rss_mb") else
                       f"{adapter} | {step or '-'} | {wall}{alone} | {prune_s} | - | {PEER.get(_level(config), '-')} |")
     lines += ["", "⁽sparsity.json⁾, ⁽prune.json⁾: measured by eval/bench_sparsity.py / eval/bench_prune.py on the same "
-              "protocol (seed 0), not re-run here. ⁽ᵃ⁾ timed alone (`--timing-only`)."]
+              "protocol (seed 0), not re-run here. ⁽ᵃ⁾ timed alone (`--alone` or `--timing-only`)."]
     notes = state.get("notes")
     if notes:
         lines += ["", *notes]
