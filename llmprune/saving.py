@@ -182,6 +182,9 @@ def save_pruned(model, tokenizer, output: str | Path, report: PruneReport, overw
             from .steps.eora import save_adapter
 
             conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
-            save_adapter(tmp, report.adapters, base_model=report.model, fan_in_fan_out=conv1d)
+            # the adapter's base is this sparse checkpoint (where it will be), not the dense source model:
+            # transformers and AutoPeftModel load a repo's base from this field (push rewrites it to the repo id)
+            save_adapter(tmp, report.adapters, base_model=str(Path(output).expanduser().resolve()),
+                         fan_in_fan_out=conv1d)
 
     return _write(output, overwrite, fill, report.config.get("save_format", "dense"))

@@ -155,6 +155,7 @@ def test_cli_saves_a_peft_adapter_that_loads_and_is_what_was_evaluated(tiny_llam
     assert (out / ADAPTER_CONFIG).is_file() and (out / ADAPTER_WEIGHTS).is_file()
     acfg = json.loads((out / ADAPTER_CONFIG).read_text())
     assert acfg["peft_type"] == "LORA" and acfg["lora_alpha"] == acfg["r"]
+    assert acfg["base_model_name_or_path"] == str(out.resolve())  # its base: the sparse folder, not the source
     assert all(acfg["alpha_pattern"][k] == v for k, v in acfg["rank_pattern"].items())  # scale 1 everywhere
     meta = json.loads((out / "config.json").read_text())["llmprune"]
     comp = meta["compensation"]

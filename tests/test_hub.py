@@ -195,6 +195,26 @@ def test_push_compressed_and_in_memory_model(hub, checkpoint, tmp_path):
     assert header["summary"] == "from memory" and "model.safetensors" in files
 
 
+def test_pushed_adapter_names_the_repo_as_its_base(hub, checkpoint, tmp_path):
+    """An EoRA adapter pushed beside its sparse base must point at the repo, not at the dense source model:
+    transformers (with peft) and AutoPeftModel load a Hub repo's base from base_model_name_or_path."""
+    import shutil
+
+    folder = tmp_path / "with-adapter"
+    shutil.copytree(checkpoint, folder)
+    cfg = {"peft_type": "LORA", "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "r": 8}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    push(folder, "o/eora")
+    _, files = hub.committed()
+    sent = json.loads(files["adapter_config.json"])
+    assert sent == {**cfg, "base_model_name_or_path": "o/eora"}
+    assert json.loads((folder / "adapter_config.json").read_text()) == cfg  # the local folder is only read
+    comp = llmprune.compress(folder, tmp_path / "comp")  # a copy names itself too
+    assert json.loads((comp / "adapter_config.json").read_text())["base_model_name_or_path"] == str(comp.resolve())
+    dense = llmprune.decompress(comp, tmp_path / "dense")
+    assert json.loads((dense / "adapter_config.json").read_text())["base_model_name_or_path"] == str(dense.resolve())
+
+
 def test_cli_push_reads_hf_endpoint_and_token_from_environment(hub, checkpoint):
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_TELEMETRY": "1"}
     out = subprocess.run([sys.executable, "-m", "llmprune.cli", "push", str(checkpoint), "o/cli", "-m", "via cli"],

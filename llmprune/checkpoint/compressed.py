@@ -432,6 +432,13 @@ def _refresh_card(folder: Path) -> None:
         write_card(folder)
 
 
+def _retarget_adapter(tmp: Path, dst: str | Path) -> None:
+    """An EoRA adapter copied along names the new folder as its base (not the source's)."""
+    from ..steps.eora import retarget_adapter
+
+    retarget_adapter(tmp, str(Path(dst).expanduser().resolve()))
+
+
 def compress(src: str | Path, dst: str | Path, *, pattern: str | None = None, overwrite: bool = False) -> Path:
     """Write a compressed copy of the dense checkpoint ``src`` to ``dst`` (atomically: a temporary
     sibling renamed at the end). ``pattern`` (e.g. ``"2:4"``) defaults to the one in the
@@ -448,6 +455,7 @@ def compress(src: str | Path, dst: str | Path, *, pattern: str | None = None, ov
         _copy_other_files(src, tmp, lambda n: n.startswith("."))
         compress_in_place(tmp, pattern)
         _refresh_card(tmp)
+        _retarget_adapter(tmp, dst)
         out = finish()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -490,6 +498,7 @@ def decompress(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> 
             del config["llmprune"]
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _refresh_card(tmp)
+        _retarget_adapter(tmp, dst)
         out = finish()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -166,8 +166,13 @@ def push(
         files = sorted(p for p in folder.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
                        and p.relative_to(folder).as_posix() != CARD_FILE)
+        from ..steps.eora import ADAPTER_CONFIG, retargeted_adapter_config
+
         ops = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-               for p in files]
+               for p in files if p.relative_to(folder).as_posix() != ADAPTER_CONFIG]
+        adapter = retargeted_adapter_config(folder, repo_id)  # an EoRA adapter's base: this repo, not the dense source
+        if adapter is not None:
+            ops.append(CommitOperationAdd(path_in_repo=ADAPTER_CONFIG, path_or_fileobj=adapter))
         ops.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card))
         message = commit_message or f"Upload {meta.get('method')} {meta.get('pattern')} checkpoint with llmprune"
         api = HfApi(token=token)

@@ -168,13 +168,35 @@ def adapter_config(adapters: dict[str, LowRank], base_model: str | None, fan_in_
     }
 
 
+def retargeted_adapter_config(folder: str | Path, base: str) -> bytes | None:
+    """``folder``'s ``adapter_config.json`` with ``base_model_name_or_path`` set to ``base`` (None: no adapter).
+
+    The base of an EoRA adapter is the sparse model beside it, never the dense model it was pruned from:
+    ``transformers`` (with ``peft`` installed) and ``AutoPeftModelForCausalLM`` load a Hub repo holding an
+    adapter from the repo that field names, so a pushed or copied checkpoint must name itself there."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        return None
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = base
+    return (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
+
+
+def retarget_adapter(folder: str | Path, base: str) -> None:
+    """Rewrite ``folder``'s adapter config (if any) so that its base is ``base`` (see above)."""
+    data = retargeted_adapter_config(folder, base)
+    if data is not None:
+        (Path(folder) / ADAPTER_CONFIG).write_bytes(data)
+
+
 def save_adapter(folder: str | Path, adapters: dict[str, LowRank], base_model: str | None = None,
                  fan_in_fan_out: bool = False) -> list[str]:
     """Write ``adapters`` as a PEFT LoRA adapter into ``folder``; returns the file names written.
 
     Keys are PEFT's: ``base_model.model.<module>.lora_A.weight [r, in]`` and ``...lora_B.weight [out, r]``,
     float32, so ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), folder)``
-    loads the sparse base with the corrections."""
+    loads the sparse base with the corrections. ``base_model`` is the adapter's
+    ``base_model_name_or_path``: the folder the sparse base is saved in (see :func:`retarget_adapter`)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
