@@ -66,6 +66,14 @@ def build_steps(config: PruneConfig):
     return reconstructor, compensator
 
 
+def needs_calibration(config: PruneConfig) -> bool:
+    """Whether pruning with ``config`` reads calibration data: a method, step or allocator that declares
+    statistics, or activation sparsity (magnitude alone reads none)."""
+    pruner, refiner, allocator = build_methods(config)
+    needs = frozenset().union(*(m.needs for m in (pruner, refiner, allocator, *build_steps(config)) if m is not None))
+    return bool(needs) or config.activation is not None
+
+
 def _layer_targets(values: list, n_layers: int, what: str) -> list[LayerTarget]:
     if len(values) != n_layers:
         raise ConfigError(f"{what} gives {len(values)} values but the model has {n_layers} decoder layers; "
@@ -142,8 +150,7 @@ def prune(
     uniform = LayerTarget(config.target_sparsity, config.nm)
     per_module = {rx: _module_target(v) for rx, v in (config.module_sparsity or {}).items()}
     _check_patterns(model, config, sparsity_map(uniform, per_layer, per_module))
-    if (not (prune_needs | (allocator.needs if allocator else frozenset())) and calibration is None
-            and config.activation is None):  # activation thresholds are calibrated on data
+    if calibration is None and not needs_calibration(config):
         # magnitude needs no data: one short window keeps the engine path uniform and cheap
         ids = torch.zeros(1, 1, dtype=torch.long)
         calib = {"source": None, "nsamples": 0, "seqlen": 0, "seed": config.seed}

@@ -1,9 +1,14 @@
 """Pruning a checkpoint larger than memory: the decoder layers streamed from the safetensors shards.
 
 :func:`prune_streaming` builds the model as a skeleton without weights (every parameter on the meta
-device), loads only what lies outside the decoder layers (embeddings, final norm, head; tied weights
-tied again), and hands the engine a :class:`ShardStream` residency:
+device), tokenizes the calibration data and lets the tokenizer go (it is read again for the output),
+and hands the engine a :class:`ShardStream` residency:
 
+- ``bring_back(model, chunks)`` before each capture of the first layer's inputs: what lies outside the
+  decoder layers (final norm, position tables) is read from the shards, the input embedding only in
+  the rows of the calibration's tokens; ``set_aside`` drops them again once the capture is done.
+  An untied head, which no capture reaches, stays on the meta device; all of them are read whole
+  only to write the output;
 - ``acquire(i, layer)`` (and ``fetch`` for an observe-only pass such as OWL's): layer ``i``'s tensors
   are read from the input shards with plain reads (a memory map would keep every page read resident),
   cast to the storage dtype as ``from_pretrained`` does;
@@ -11,8 +16,9 @@ tied again), and hands the engine a :class:`ShardStream` residency:
   parameters go back to the meta device and the heap is trimmed (``observed`` drops an observed
   layer's without writing).
 
-Peak memory is the parts outside the layers, about two layers (the one pruned and, while it is
-written, its copy in the shard buffer) and the calibration activations, whatever the depth. The
+Peak memory is about two layers (the one pruned and, while it is written, its copy in the shard
+buffer), the calibration hidden states and one chunk's activations, whatever the depth and the
+vocabulary; the parts outside the layers only while the output is written. The
 output holds one shard per decoder layer and one for the rest, with a ``model.safetensors.index.json``,
 and the same tensors, bit for bit, as the in-memory path writes (``tests/test_stream.py``).
 
@@ -46,6 +52,7 @@ HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"]
 # process, registers its heap setting for streaming (small allocations only on the heap: see cli._tune_heap).
 STREAM_HOOKS: list = []
 FIT_FRACTION = 0.7  # in-memory pruning when the weights take at most this share of the memory available
+ROW_BLOCK_BYTES = 8 << 20  # ShardIndex.get_rows reads at most this much at a time
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -123,6 +130,39 @@ class ShardIndex:
             raise StreamingError(f"{shard} ends inside tensor {name!r}: the file is truncated; download or copy it "
                                  "again")
         return t
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor ``name``, from its shard's header (nothing read)."""
+        return _DTYPES[self._header(self.weight_map[name])[1][name]["dtype"]]
+
+    def get_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows ``rows`` (sorted, distinct) of tensor ``name`` ``[R, ...]``, as stored, read in blocks of at
+        most ``ROW_BLOCK_BYTES`` from the first row still wanted: ``[len(rows), ...]``."""
+        import bisect
+        import math
+
+        shard = self.weight_map[name]
+        start, header = self._header(shard)
+        meta = header[name]
+        shape, dtype = meta["shape"], _DTYPES[meta["dtype"]]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        out = torch.empty((len(rows), *shape[1:]), dtype=dtype)  # [len(rows), ...]
+        block = max(1, min(shape[0], ROW_BLOCK_BYTES // max(row_bytes, 1)))
+        buf = torch.empty((block, *shape[1:]), dtype=dtype)  # [block, ...]
+        k = 0
+        with open(self.folder / shard, "rb") as f:
+            while k < len(rows):
+                first = rows[k]
+                last = min(first + block, shape[0])
+                j = bisect.bisect_left(rows, last, k)
+                f.seek(start + meta["data_offsets"][0] + first * row_bytes)
+                part = buf[: last - first]
+                if f.readinto(memoryview(part.view(-1).view(torch.uint8).numpy())) != (last - first) * row_bytes:
+                    raise StreamingError(f"{shard} ends inside tensor {name!r}: the file is truncated; download or "
+                                         "copy it again")
+                out[k:j] = part[torch.tensor(rows[k:j]) - first]
+                k = j
+        return out
 
     def nbytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes of all tensors, from the shard headers (nothing read); floating tensors counted in ``dtype``
@@ -253,6 +293,12 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         mod._buffers[attr] = value
 
 
+def _get_tensor(root: nn.Module, name: str) -> torch.Tensor | None:
+    """Parameter or buffer ``name`` of ``root``."""
+    mod_name, _, attr = name.rpartition(".")
+    return getattr(root.get_submodule(mod_name) if mod_name else root, attr, None)
+
+
 def _set_tied(root: nn.Module, names: list[str], value: torch.Tensor) -> None:
     """Point every one of ``names`` (one tensor, tied) at ``value``: one Parameter object for all of them."""
     def slot(name: str) -> tuple[dict, str]:
@@ -276,9 +322,10 @@ def _persistent_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, t
 
 
-def build_skeleton(folder: Path, config: PruneConfig):
+def build_skeleton(folder: Path, config: PruneConfig, read_rest: bool = True):
     """``(model, index)``: ``folder``'s causal LM with every decoder layer on the meta device and
-    everything else read from the shards, in the dtype ``from_pretrained`` would give."""
+    everything else read from the shards, in the dtype ``from_pretrained`` would give (``read_rest=False``:
+    left on the meta device too, for a :class:`ShardStream` to read when a capture needs it)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -292,7 +339,7 @@ def build_skeleton(folder: Path, config: PruneConfig):
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         if not isinstance(dtype, torch.dtype):
-            dtype = next((t.dtype for t in map(index.get, index.weight_map) if t.is_floating_point()), torch.float32)
+            dtype = next((t for t in map(index.dtype_of, index.weight_map) if t.is_floating_point), torch.float32)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=config.trust_remote_code)
     model.eval()
@@ -313,12 +360,15 @@ def build_skeleton(folder: Path, config: PruneConfig):
         if id(t) in inside:
             continue
         if name in index.weight_map:
-            value = index.get(name)
-            _set_tensor(model, name, value.to(dtype) if value.is_floating_point() else value)
+            if read_rest:
+                value = index.get(name)
+                _set_tensor(model, name, value.to(dtype) if value.is_floating_point() else value)
         elif t.device.type == "meta":
             missing.append(name)
     model.tie_weights()
-    missing = [n for n in missing if model.get_parameter_or_buffer(n).device.type == "meta"]
+    stored_rest = {id(t) for n, t in model.state_dict(keep_vars=True).items() if n in index.weight_map}
+    missing = [n for n in missing if model.get_parameter_or_buffer(n).device.type == "meta"
+               and id(model.get_parameter_or_buffer(n)) not in stored_rest]  # tied to a stored tensor: not missing
     if missing:
         raise ModelLoadError(f"{str(folder)!r} lacks {len(missing)} weight(s) outside the decoder layers (e.g. "
                              f"{missing[0]}); is it a causal language model checkpoint?")
@@ -338,6 +388,7 @@ class ShardStream:
         self.shards: dict[str, list[str]] = {}  # shard file -> tensor names, in writing order
         self.bytes = 0
         self.aside: list[tuple[list[str], str, torch.dtype]] = []  # (names of one tensor, its shard name, dtype)
+        self._compact = None  # the input embedding's rows read for a capture (bring_back), until set_aside
 
     memory_first = True  # execution "auto" replays chunks instead of holding all of them (SequentialRun)
 
@@ -349,34 +400,90 @@ class ShardStream:
     fetch = acquire  # an observe-only pass reads the layer the same way
 
     def set_aside(self, model: nn.Module, layers: list[nn.Module]) -> None:
-        """Once the first layer's inputs are captured, the tensors outside the layers (embeddings,
-        final norm, head: 113 MB of the embedded model, 2 GB of a Llama-3-8B) go back to the meta
-        device; :meth:`bring_back` reads them from the shards again for another capture or the writing.
+        """The tensors outside the layers (embeddings, final norm, head: 113 MB of the embedded model,
+        2 GB of a Llama-3-8B) go back to the meta device, or stay there when the skeleton was built
+        without them; :meth:`bring_back` reads them from the shards for a capture or the writing.
         Tensors not stored in the shards (computed buffers) stay."""
+        if self._compact is not None:  # the capture's embedding rows: dropped, the tie restored
+            group, emb, padding_idx, handle, shape = self._compact
+            handle.remove()
+            emb.padding_idx = padding_idx
+            _set_tied(model, group, torch.empty(shape, dtype=emb.weight.dtype, device="meta"))
+            self._compact = None
+            if not self._compact_calls:  # the rows would have been looked up by their vocabulary ids
+                raise StreamingError(f"{type(model).__name__} looks up its input embedding without calling it, "
+                                     "which streaming cannot follow; run without --low-memory")
         inside = {id(t) for layer in layers for t in layer.state_dict(keep_vars=True).values()}
+        aside = {stored for _, stored, _ in self.aside}
         names: dict[int, list[str]] = {}  # tied parameters: one tensor, several names
         tensors: dict[int, torch.Tensor] = {}
         for name, t in model.state_dict(keep_vars=True).items():
-            if id(t) not in inside and t.device.type != "meta":
+            if id(t) not in inside:
                 names.setdefault(id(t), []).append(name)
                 tensors[id(t)] = t
         for key, group in names.items():
             stored = next((n for n in group if n in self.index.weight_map), None)
-            if stored is None:
+            if stored is None or stored in aside:
                 continue
             t = tensors[key]
-            self.aside.append((group, stored, t.dtype))
-            _set_tied(model, group, torch.empty_like(t, device="meta"))
+            meta = t.device.type == "meta"  # as build_skeleton(read_rest=False) left it: cast as on loading
+            self.aside.append((group, stored, self.dtype if meta and t.is_floating_point() else t.dtype))
+            if not meta:
+                _set_tied(model, group, torch.empty_like(t, device="meta"))
         del tensors
         if self._libc is not None:
             self._libc.malloc_trim(0)
 
-    def bring_back(self, model: nn.Module) -> None:
-        """The tensors :meth:`set_aside` took off, read again (the same values: cast as on loading)."""
-        for group, stored, dtype in self.aside:
+    def bring_back(self, model: nn.Module, chunks: list[torch.Tensor] | None = None) -> None:
+        """The tensors :meth:`set_aside` took off, read again (the same values: cast as on loading).
+
+        Given the calibration ``chunks`` (a capture, which stops at the last decoder layer), the head
+        stays on the meta device and the input embedding is read in the rows of the tokens they hold
+        only, its lookups mapped onto them by a forward pre-hook until :meth:`set_aside`: the capture's
+        hidden states are the same, bit for bit (a lookup copies rows), in at most ``nsamples x seqlen``
+        rows instead of the vocabulary (the embedded model: 49,152)."""
+        emb = model.get_input_embeddings() if chunks is not None and hasattr(model, "get_input_embeddings") else None
+        if not isinstance(emb, nn.Embedding) or emb.max_norm is not None:  # max_norm renormalises rows in place
+            emb = None
+        head = model.get_output_embeddings() if chunks is not None and hasattr(model, "get_output_embeddings") else None
+        head_tensors = {id(t) for t in head.state_dict(keep_vars=True).values()} if head is not None else set()
+        inputs = model.get_input_embeddings() if head_tensors else None
+        head_tensors -= {id(t) for t in inputs.state_dict(keep_vars=True).values()} if inputs is not None else set()
+        kept = []
+        for entry in self.aside:
+            group, stored, dtype = entry
+            if head_tensors and all(id(_get_tensor(model, n)) in head_tensors for n in group):
+                kept.append(entry)  # an untied head: no capture reaches it
+                continue
+            if emb is not None and any(_get_tensor(model, n) is emb.weight for n in group):
+                ids = torch.cat([c.reshape(-1) for c in chunks]).unique()  # sorted [u]
+                if ids.numel() and 0 <= int(ids[0]) and int(ids[-1]) < emb.num_embeddings:
+                    self._embed_rows(model, emb, group, stored, dtype, ids)
+                    kept.append(entry)
+                    continue
             value = self.index.get(stored)
             _set_tied(model, group, value.to(dtype) if value.is_floating_point() else value)
-        self.aside = []
+        self.aside = kept
+
+    def _embed_rows(self, model: nn.Module, emb: nn.Embedding, group: list[str], stored: str, dtype: torch.dtype,
+                    ids: torch.Tensor) -> None:
+        """Input embedding ``emb`` holding only rows ``ids [u]`` (sorted), token ``ids[k]`` looked up at row k."""
+        rows = self.index.get_rows(stored, ids.tolist())  # [u, H] as stored
+        shape = tuple(emb.weight.shape)
+        name = next(n for n in group if _get_tensor(model, n) is emb.weight)
+        _set_tensor(model, name, rows.to(dtype) if rows.is_floating_point() else rows)  # the tied head stays meta
+        position = torch.full((emb.num_embeddings,), -1, dtype=torch.long)  # [vocab] -> row of ``rows``
+        position[ids] = torch.arange(ids.numel())
+
+        def lookup(module: nn.Module, args: tuple, kwargs: dict):
+            self._compact_calls += 1
+            if args:
+                return (position.to(args[0].device)[args[0]], *args[1:]), kwargs
+            return args, {**kwargs, "input": position.to(kwargs["input"].device)[kwargs["input"]]}
+
+        padding_idx, emb.padding_idx = emb.padding_idx, None  # an index into the whole vocabulary; no gradients here
+        self._compact_calls = 0
+        self._compact = (group, emb, padding_idx, emb.register_forward_pre_hook(lookup, with_kwargs=True), shape)
 
     def _drop(self, layer: nn.Module) -> None:
         for name, t in list(_persistent_state(layer)):
@@ -453,7 +560,9 @@ def prune_streaming(config: PruneConfig, output: str | Path, overwrite: bool = F
 
     from transformers import AutoTokenizer
 
-    from .api import prune
+    import gc
+
+    from .api import calibration_tokens, needs_calibration, prune
     from .engine import find_decoder_layers
     from .resume import Progress, check_partial
     from .saving import REPORT_FILE, check_output, save_pruned
@@ -465,22 +574,35 @@ def prune_streaming(config: PruneConfig, output: str | Path, overwrite: bool = F
         hook()
     t0 = time.perf_counter()
     folder = folder or resolve_folder(config.model, config.trust_remote_code)
-    model, index = build_skeleton(folder, config)
+    model, index = build_skeleton(folder, config, read_rest=False)  # the embeddings are read by the capture
+    layers_name, layers = find_decoder_layers(model)
+    stream = ShardStream(index, staging, layers_name, model.dtype)
+    stream.set_aside(model, layers)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
     t_load = time.perf_counter() - t0
+    ids = calib = None
+    if needs_calibration(config):  # the tokens first: the tokenizer is not held while the layers are pruned
+        ids, calib = calibration_tokens(config, model, tokenizer)
+        tokenizer = None
+        gc.collect()
+        if stream._libc is not None:
+            stream._libc.malloc_trim(0)
+    t_calib = time.perf_counter() - t0 - t_load
     out = Path(output).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     tracker = None
     try:
-        layers_name, _ = find_decoder_layers(model)
-        stream = ShardStream(index, staging, layers_name, model.dtype)
         tracker = Progress(stream, staging, config, folder, resume)
         log.info("streaming %s: decoder layers read from %d shard(s) when reached, written to %s once pruned",
                  config.model or "the embedded model", len(set(index.weight_map.values())), staging)
-        report = prune(model, tokenizer, config, progress=progress, residency=tracker)
+        report = prune(model, tokenizer, config, calibration=ids, progress=progress, residency=tracker)
+        if calib is not None:  # described as read from its source, not as the tokens handed over
+            report.calibration = calib
+            report.seconds["calibration"] += t_calib
         if config.model is None:
             report.model = f"embedded:{folder}"
         t1 = time.perf_counter()
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
         save_pruned(model, tokenizer, output, report, overwrite=overwrite,
                     write_model=lambda tmp: stream.write_model(model, tmp))
         tracker.discard()  # the layer shards live on in the output (hard links)

@@ -88,6 +88,56 @@ def test_streaming_writes_the_in_memory_checkpoint(arch, tmp_path, calib_text):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging and temp folders removed
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shard_rows_are_the_rows_of_the_tensor(tmp_path, monkeypatch, dtype):
+    from safetensors.torch import save_file
+
+    import llmprune.stream as stream
+
+    t = torch.randn(1000, 7).to(dtype)
+    save_file({"w": t, "b": torch.arange(5)}, tmp_path / "model.safetensors")
+    index = ShardIndex(tmp_path)
+    monkeypatch.setattr(stream, "ROW_BLOCK_BYTES", 7 * dtype.itemsize * 64)  # blocks of 64 rows
+    for rows in ([0], [999], list(range(1000)), [3, 4, 5, 63, 64, 65, 500, 998, 999], list(range(1, 1000, 97))):
+        got = index.get_rows("w", rows)
+        assert got.dtype == dtype and torch.equal(got, t[rows]), rows
+    assert index.dtype_of("w") == dtype and index.dtype_of("b") == torch.int64
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])  # an untied head; a tied one and learned positions
+def test_a_capture_reads_only_the_embedding_rows_it_looks_up(arch, tmp_path, calib_text, monkeypatch):
+    import llmprune.stream as stream
+
+    src = _save_tiny(arch, tmp_path / "src")
+    (src / "calib.txt").write_text(calib_text)
+    models, captured = [], []
+    real_build, real_set_aside = stream.build_skeleton, stream.ShardStream.set_aside
+
+    def build(folder, config, **kw):
+        model, index = real_build(folder, config, **kw)
+        models.append(model)
+        return model, index
+
+    def set_aside(self, model, layers):
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        captured.append((emb.weight.device.type, emb.weight.shape[0], emb.padding_idx, head.weight.device.type))
+        real_set_aside(self, model, layers)
+
+    monkeypatch.setattr(stream, "build_skeleton", build)
+    monkeypatch.setattr(stream.ShardStream, "set_aside", set_aside)
+    _run(src, tmp_path / "stream", True)
+    rows = len(set(calib_text.encode()))
+    assert captured[0] == ("meta", 272, 2, "meta")  # the skeleton: nothing read; padding index: pad_token_id
+    device, n, padding_idx, head = captured[1]  # when the capture ends
+    assert (device, padding_idx, head) == ("cpu", None, "meta") and n <= rows < 272
+    emb = models[0].get_input_embeddings()
+    assert emb.weight.shape[0] == 272 and not emb._forward_pre_hooks  # whole again for the writing, hook gone
+    assert emb.padding_idx == 2
+    _run(src, tmp_path / "mem", False)
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "stream")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_streaming_with_an_observe_pass_and_sharded_input(tmp_path, calib_text, monkeypatch):
     """OWL reads every dense layer first (fetch / observed), and the input may itself be sharded. The
     tensors outside the layers (tied embeddings and head) are set aside while layers run and read again
@@ -118,17 +168,31 @@ def test_streaming_with_an_observe_pass_and_sharded_input(tmp_path, calib_text, 
     layer_owner = []
     real_build = stream.build_skeleton
 
-    def build(folder, config):
-        model, index = real_build(folder, config)
+    def build(folder, config, **kw):
+        model, index = real_build(folder, config, **kw)
         layer_owner.append(model)
         return model, index
 
+    captured = []  # rows of the input embedding when each capture ends, and its head then
+    real_set_aside = stream.ShardStream.set_aside
+
+    def set_aside(self, model, layers):
+        emb = model.get_input_embeddings().weight
+        captured.append((emb.device.type, emb.shape[0], model.get_output_embeddings().weight.device.type))
+        real_set_aside(self, model, layers)
+
     monkeypatch.setattr(stream.ShardStream, "acquire", acquire)
     monkeypatch.setattr(stream.ShardStream, "fetch", acquire)
+    monkeypatch.setattr(stream.ShardStream, "set_aside", set_aside)
     monkeypatch.setattr(stream, "build_skeleton", build)
     rb = _run(src, tmp_path / "stream", True, **kw)
     assert resident == [1] * 8  # 4 layers observed, then 4 pruned, one at a time
     assert embeddings == ["meta"] * 8  # set aside while the layers run
+    # never read whole before the writing: on the meta device from the skeleton, then for each capture (observe,
+    # prune) only the rows of the calibration's tokens, the tied head left on the meta device
+    rows = len(set(calib_text.encode()))
+    assert captured[0] == ("meta", 272, "meta") and len(captured) == 3
+    assert all(c == ("cpu", c[1], "meta") and c[1] <= rows < 272 for c in captured[1:]), captured
     model = layer_owner[0]
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied again
     assert model.get_input_embeddings().weight.device.type == "cpu"

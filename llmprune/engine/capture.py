@@ -39,13 +39,15 @@ def inference_state(model: nn.Module) -> Iterator[None]:
 
 
 def _move_except(module: nn.Module, skip: nn.Module, device: torch.device) -> None:
-    """Move ``module``'s parameters and buffers to ``device``, leaving the ``skip`` subtree alone."""
+    """Move ``module``'s parameters and buffers to ``device``, leaving the ``skip`` subtree alone, and
+    tensors on the meta device (a streamed run's tied head while only embedding rows are read)."""
     if module is skip:
         return
     for p in module.parameters(recurse=False):
-        p.data = p.data.to(device)
+        if p.device.type != "meta":
+            p.data = p.data.to(device)
     for name, b in module.named_buffers(recurse=False):
-        if b is not None:
+        if b is not None and b.device.type != "meta":
             module._buffers[name] = b.to(device)
     for child in module.children():
         _move_except(child, skip, device)

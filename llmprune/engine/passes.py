@@ -142,7 +142,7 @@ class SequentialRun:
     def _capture(self) -> tuple[list[torch.Tensor], list]:
         bring_back = getattr(self.residency, "bring_back", None)
         if bring_back is not None:  # a residency that set the embeddings aside reads them again
-            bring_back(self.model)
+            bring_back(self.model, self.chunks)
         hidden, calls = capture_layer_inputs(self.model, self.layers, self.chunks, self.device)
         if all(h.shape[1:] == hidden[0].shape[1:] for h in hidden):
             # one buffer for the hidden states of every chunk, which each layer's outputs overwrite

@@ -25,3 +25,7 @@ class LayerResidency(Protocol):
 
     def observed(self, index: int, layer: nn.Module) -> None:
         """Called after an observe-only pass read layer ``index`` without changing it."""
+
+    def bring_back(self, model: nn.Module, chunks: list | None = None) -> None:
+        """Optional: called before a capture, with the calibration chunks it will run, to read again what
+        :meth:`set_aside` took off (a residency may read only what those chunks look up)."""
