@@ -131,6 +131,18 @@ class ShardIndex:
                                  "again")
         return t
 
+    def row_blocks(self, name: str) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` as stored, in consecutive blocks of rows of at most ``ROW_BLOCK_BYTES``."""
+        shape = self._header(self.weight_map[name])[1][name]["shape"]
+        if not shape:
+            yield self.get(name)
+            return
+        import math
+
+        block = max(1, ROW_BLOCK_BYTES // max(math.prod(shape[1:]) * self.dtype_of(name).itemsize, 1))
+        for r0 in range(0, shape[0], block):
+            yield self.get_rows(name, list(range(r0, min(r0 + block, shape[0]))))
+
     def dtype_of(self, name: str) -> torch.dtype:
         """The stored dtype of tensor ``name``, from its shard's header (nothing read)."""
         return _DTYPES[self._header(self.weight_map[name])[1][name]["dtype"]]
@@ -510,27 +522,28 @@ class ShardStream:
 
     def write_model(self, model: nn.Module, folder: Path) -> None:
         """Into ``folder``: the layer shards moved in, the rest written as one more shard, the index,
-        ``config.json`` and the generation config, as ``save_pretrained`` writes them."""
-        from safetensors.torch import save_file
+        ``config.json`` and the generation config, as ``save_pretrained`` writes them. The tensors set
+        aside are copied from the input shards block by block (cast as on loading), never held whole."""
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         from .engine import find_decoder_layers
 
-        self.bring_back(model)
+        if self._compact is not None:
+            raise RuntimeError("write_model during a capture")
         _, layers = find_decoder_layers(model)
         inside = {id(t) for layer in layers for t in layer.state_dict(keep_vars=True).values()}
         rest = {k: t.detach() for k, t in model.state_dict(keep_vars=True).items() if id(t) not in inside}
         for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
             rest.pop(key, None)
-        rest = remove_tied_weights_from_state_dict(rest, model)
-        rest = {k: v.contiguous() for k, v in rest.items()}
+        rest = remove_tied_weights_from_state_dict(rest, model)  # meta tensors: told apart by their parameter
+        source = {n: (stored, dtype) for group, stored, dtype in self.aside for n in group}
         files = [("rest", list(rest))] + list(self.shards.items())
         n = len(files)
-        weight_map, total = {}, self.bytes + sum(v.numel() * v.element_size() for v in rest.values())
+        weight_map, total = {}, self.bytes
         for k, (src, names) in enumerate(files, 1):
             name = f"model-{k:05d}-of-{n:05d}.safetensors"
             if src == "rest":
-                save_file(rest, folder / name, metadata={"format": "pt"})
+                total += self._write_rest(folder / name, rest, source)
             else:  # linked, not moved: the progress folder stays whole until the output is complete
                 try:
                     os.link(self.folder / src, folder / name)
@@ -545,6 +558,39 @@ class ShardStream:
         model.config.save_pretrained(folder)
         if model.can_generate():
             model.generation_config.save_pretrained(folder)
+
+    def _write_rest(self, path: Path, tensors: dict[str, torch.Tensor],
+                    source: dict[str, tuple[str, torch.dtype]]) -> int:
+        """A safetensors file of ``tensors``; those on the meta device are read from the input shard named
+        by ``source`` (``name -> (stored name, dtype)``) in blocks of rows. Returns the bytes of data."""
+        codes = {v: k for k, v in _DTYPES.items()}
+        plan, offset = [], 0
+        for name in sorted(tensors):
+            t = tensors[name]
+            if t.device.type == "meta":
+                stored, dtype = source[name]
+                dtype = dtype if self.index.dtype_of(stored).is_floating_point else self.index.dtype_of(stored)
+            else:
+                stored, dtype = None, t.dtype
+            nbytes = t.numel() * dtype.itemsize
+            plan.append((name, t, stored, dtype, offset, offset + nbytes))
+            offset += nbytes
+        header = {"__metadata__": {"format": "pt"}}
+        header.update({name: {"dtype": codes[dtype], "shape": list(t.shape), "data_offsets": [b, e]}
+                       for name, t, _, dtype, b, e in plan})
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(path, "wb") as f:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            for name, t, stored, dtype, b, e in plan:
+                parts = self.index.row_blocks(stored) if stored is not None else [t]
+                for part in parts:
+                    part = part.to(dtype) if part.is_floating_point() else part
+                    f.write(memoryview(part.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                if f.tell() != len(head) + 8 + e:
+                    raise StreamingError(f"{name}: {f.tell() - len(head) - 8 - b} bytes written, {e - b} expected")
+        return offset
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,23 @@ def test_streaming_writes_the_in_memory_checkpoint(arch, tmp_path, calib_text):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging and temp folders removed
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_streaming_casts_as_the_in_memory_path(arch, tmp_path, calib_text, monkeypatch):
+    """A float32 checkpoint pruned in bfloat16: the layers and the parts outside them (copied to the output
+    in blocks of rows, here 3 rows at a time) are cast alike."""
+    import llmprune.stream as stream
+
+    src = _save_tiny(arch, tmp_path / "src")
+    (src / "calib.txt").write_text(calib_text)
+    monkeypatch.setattr(stream, "ROW_BLOCK_BYTES", 3 * 4 * ARCH_CONFIGS[arch][1].get("hidden_size", 64))
+    _run(src, tmp_path / "mem", False, dtype="bfloat16")
+    _run(src, tmp_path / "stream", True, dtype="bfloat16")
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "stream")
+    assert sorted(a) == sorted(b) and {t.dtype for t in b.values() if t.is_floating_point()} == {torch.bfloat16}
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_shard_rows_are_the_rows_of_the_tensor(tmp_path, monkeypatch, dtype):
     from safetensors.torch import save_file
@@ -131,7 +148,9 @@ def test_a_capture_reads_only_the_embedding_rows_it_looks_up(arch, tmp_path, cal
     device, n, padding_idx, head = captured[1]  # when the capture ends
     assert (device, padding_idx, head) == ("cpu", None, "meta") and n <= rows < 272
     emb = models[0].get_input_embeddings()
-    assert emb.weight.shape[0] == 272 and not emb._forward_pre_hooks  # whole again for the writing, hook gone
+    # after the writing: the whole vocabulary's shape again, never read whole (copied to the output block by
+    # block), the lookup hook gone
+    assert emb.weight.shape[0] == 272 and emb.weight.device.type == "meta" and not emb._forward_pre_hooks
     assert emb.padding_idx == 2
     _run(src, tmp_path / "mem", False)
     a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "stream")
@@ -195,7 +214,7 @@ def test_streaming_with_an_observe_pass_and_sharded_input(tmp_path, calib_text, 
     assert all(c == ("cpu", c[1], "meta") and c[1] <= rows < 272 for c in captured[1:]), captured
     model = layer_owner[0]
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied again
-    assert model.get_input_embeddings().weight.device.type == "cpu"
+    assert model.get_input_embeddings().weight.device.type == "meta"  # copied to the output, never read whole
     a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "stream")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert ra.layer_targets == rb.layer_targets and len({t for t, _ in rb.layer_targets}) > 1
