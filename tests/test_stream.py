@@ -88,6 +88,41 @@ def test_streaming_writes_the_in_memory_checkpoint(arch, tmp_path, calib_text):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging and temp folders removed
 
 
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="madvise and /proc are Linux's")
+def test_pages_of_the_spilled_hidden_states_leave_memory_and_keep_their_data(tmp_path):
+    """A streamed run's hidden states live in a shared file mapping; a chunk done with leaves the resident
+    set (its data stays in the file); a chunk outside that buffer (a resumed run's) is left alone."""
+    import os
+
+    from llmprune.engine.passes import SequentialRun
+
+    path = tmp_path / "hidden.bin"
+    path.touch()
+    buffer = torch.from_file(str(path), shared=True, size=4 * 2**23, dtype=torch.float32).view(4, -1)  # 4 x 32 MB
+    os.unlink(path)
+    buffer.copy_(torch.randn(buffer.shape))
+    want = buffer.clone()
+    run = SequentialRun.__new__(SequentialRun)
+    run._spill_ptr = buffer.untyped_storage().data_ptr()
+    hidden = list(buffer.split(1))
+    elsewhere = torch.randn(1, 2**20)
+    hidden.append(elsewhere)
+    before = _resident_mb()
+    run._done_with(hidden, 1)
+    assert before - _resident_mb() > 28  # one 32 MB chunk dropped
+    run._done_with(hidden)
+    assert before - _resident_mb() > 4 * 28
+    assert torch.equal(buffer, want) and torch.equal(hidden[-1], elsewhere)  # read back from the file
+    run._spill_ptr = None  # no spilled buffer: nothing is touched
+    run._done_with(hidden)
+    assert torch.equal(buffer, want)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_streaming_casts_as_the_in_memory_path(arch, tmp_path, calib_text, monkeypatch):
     """A float32 checkpoint pruned in bfloat16: the layers and the parts outside them (copied to the output
@@ -157,7 +192,7 @@ def test_a_capture_reads_only_the_embedding_rows_it_looks_up(arch, tmp_path, cal
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_streaming_with_an_observe_pass_and_sharded_input(tmp_path, calib_text, monkeypatch):
+def test_streaming_with_an_observe_pass_and_sharded_input(tmp_path, calib_text, monkeypatch, caplog):
     """OWL reads every dense layer first (fetch / observed), and the input may itself be sharded. The
     tensors outside the layers (tied embeddings and head) are set aside while layers run and read again
     for each capture and for the writing; chunks are replayed when streamed, in lockstep in memory."""
@@ -204,7 +239,11 @@ def test_streaming_with_an_observe_pass_and_sharded_input(tmp_path, calib_text, 
     monkeypatch.setattr(stream.ShardStream, "fetch", acquire)
     monkeypatch.setattr(stream.ShardStream, "set_aside", set_aside)
     monkeypatch.setattr(stream, "build_skeleton", build)
-    rb = _run(src, tmp_path / "stream", True, **kw)
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="llmprune"):
+        rb = _run(src, tmp_path / "stream", True, **kw)
+    assert "spilled to a file: a streamed run holds one chunk at a time" in caplog.text  # and dropped chunk by chunk
     assert resident == [1] * 8  # 4 layers observed, then 4 pruned, one at a time
     assert embeddings == ["meta"] * 8  # set aside while the layers run
     # never read whole before the writing: on the meta device from the skeleton, then for each capture (observe,

@@ -16,7 +16,10 @@ layer by layer on the compute device; a layer's outputs feed the next layer.
     every target is pruned, and a second pass computes the pruned outputs.
   Chunks have a fixed size (2,048 tokens on the CPU, 32,768 on GPUs, or ``batch_size`` windows), so
   the summation order, and with it every mask, is the same on any machine. The hidden states
-  between layers are spilled to a file when they would take more than a quarter of free memory.
+  between layers are spilled to a file when they would take more than a quarter of free memory,
+  and always when a streamed run replays its chunks: each chunk's pages then leave the resident
+  set once the chunk has gone through (the data stays in the file), so only the chunk at work is
+  held.
 - :meth:`SequentialRun.observe`: the dense model, one forward per chunk and layer, each layer's
   statistics handed to a reducer (an allocator such as OWL); no weight changes. The first
   layer's statistics are kept for the prune pass that follows, where they are still valid.
@@ -64,6 +67,27 @@ def free_memory(device: torch.device) -> int:
     import psutil
 
     return psutil.virtual_memory().available
+
+
+_PAGE = 4096
+_MADV_DONTNEED = 4
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    """The whole pages of ``t``, a view of a shared file mapping, out of the resident set: the data stays
+    in the file (the page cache) and is faulted back in when read. Only for file-backed shared memory:
+    on private memory the same call would zero it."""
+    from ..offload import _libc
+
+    libc = _libc()
+    if libc is None:
+        return
+    import ctypes
+
+    start = -(-t.data_ptr() // _PAGE) * _PAGE  # whole pages inside the tensor: its neighbours keep theirs
+    end = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 def _store_output(hidden: list[torch.Tensor], c: int, out: torch.Tensor) -> None:
@@ -122,6 +146,7 @@ class SequentialRun:
             fits = plan_batch_size(n, L, self.layers[0], next(model.parameters()).dtype, self.device) >= n
             self.execution = "lockstep" if fits else "replay"
         self._reuse: dict[str, InputStats] = {}  # the first layer's dense statistics, from observe()
+        self._spill_ptr: int | None = None  # storage of the spilled hidden-state buffer, if any
         self.skipped: dict[str, str] = {}  # module -> why it is not a target (routers, gates)
         log.info(
             "%d decoder layers at %s; calibration %d x %d in %d chunk(s): %s order, %s",
@@ -149,19 +174,24 @@ class SequentialRun:
             # in place: no long-lived blocks scattered through the heap between layers
             shape = (sum(h.shape[0] for h in hidden), *hidden[0].shape[1:])
             nbytes = hidden[0].element_size() * shape[0] * hidden[0][0].numel()
-            if self.device.type == "cpu" and nbytes > SPILL_FRACTION * free_memory(self.device):
-                buffer = self._spill(shape, hidden[0].dtype)
+            streamed = getattr(self.residency, "memory_first", False) and self.execution == "replay"
+            if self.device.type == "cpu" and (streamed or nbytes > SPILL_FRACTION * free_memory(self.device)):
+                buffer = self._spill(shape, hidden[0].dtype, "a streamed run holds one chunk at a time" if streamed
+                                     else f"they exceed {int(100 * SPILL_FRACTION)} % of free memory")
+                self._spill_ptr = buffer.untyped_storage().data_ptr()
             else:
                 buffer = torch.empty(shape, dtype=hidden[0].dtype, device=hidden[0].device)
+                self._spill_ptr = None
             sizes = [h.shape[0] for h in hidden]
             for c, part in enumerate(buffer.split(sizes)):  # chunk by chunk: never two copies of them all
                 part.copy_(hidden[c])
                 hidden[c] = part
+                self._done_with(hidden, c)
         if self.residency is not None:
             self.residency.set_aside(self.model, self.layers)
         return hidden, calls
 
-    def _spill(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def _spill(self, shape: tuple[int, ...], dtype: torch.dtype, why: str) -> torch.Tensor:
         """A file-backed buffer for the hidden states (deleted at once: the mapping keeps it alive)."""
         import math
         import os
@@ -173,9 +203,18 @@ class SequentialRun:
             t = torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
         finally:
             os.unlink(path)
-        log.info("hidden states (%s, %.1f GB) spilled to a file: they exceed %d %% of free memory",
-                 "x".join(map(str, shape)), t.numel() * t.element_size() / 1e9, int(100 * SPILL_FRACTION))
+        log.info("hidden states (%s, %.1f GB) spilled to a file: %s", "x".join(map(str, shape)),
+                 t.numel() * t.element_size() / 1e9, why)
         return t
+
+    def _done_with(self, hidden: list[torch.Tensor], c: int | None = None) -> None:
+        """Chunk ``c`` (every chunk when None) has gone through for now: its pages leave the resident set
+        when it lives in the spilled buffer (a chunk read from elsewhere, e.g. a resumed run's, stays)."""
+        if self._spill_ptr is None:
+            return
+        for h in hidden if c is None else [hidden[c]]:
+            if h.device.type == "cpu" and h.untyped_storage().data_ptr() == self._spill_ptr:
+                _drop_pages(h)
 
     def _targets(self, i: int, layer: nn.Module):
         found = find_targets(layer, f"{self.layers_name}.{i}", self.targets, self.ignore)
@@ -208,6 +247,7 @@ class SequentialRun:
                     for c in range(len(self.chunks)):
                         lw.new_forward()
                         _store_output(hidden, c, calls[c][i](layer, hidden[c]))
+                        self._done_with(hidden, c)
                 if self.collective is not None:  # the allocator sees every rank's windows
                     for t in lw.all_targets:
                         self.collective.reduce_stats(lw.stats.get(t.name))
@@ -257,6 +297,7 @@ class SequentialRun:
                         for c in range(len(chunks)):
                             lw.new_forward()
                             calls[c][i](layer, hidden[c])
+                            self._done_with(hidden, c)
                         lw.new_forward()
                         lw.prune_remaining()
                     if self.execution == "lockstep":  # prune in the hooks, chunks in lockstep
@@ -269,11 +310,12 @@ class SequentialRun:
                         lw.lockstep = None
                     elif self.execution == "replay":
                         self._replay(lw, layer, [functools.partial(calls[c][i], layer) for c in range(len(chunks))],
-                                     hidden)
+                                     hidden, self._done_with)
                     else:
                         for c in range(len(chunks)):  # (one forward: prune in the hooks) pruned outputs
                             lw.new_forward()
                             _store_output(hidden, c, calls[c][i](layer, hidden[c]))
+                            self._done_with(hidden, c)
                     lw.prune_remaining()
                 self._reuse = {}
                 if self.collective is not None:  # every rank pruned every module alike, or stop
@@ -290,13 +332,15 @@ class SequentialRun:
                 layer_done = getattr(residency, "layer_done", None)
                 if layer_done is not None:  # progress saved for --resume (llmprune.resume)
                     layer_done(self, plan, i, hidden, order, reports)
+                    self._done_with(hidden)  # the saving read every chunk
                 bar.set_postfix(err=f"{rep.error:.3f}", sec=f"{rep.seconds:.1f}")
                 log.debug("layer %d: %.1fs, mean relative error %.4f", i, rep.seconds, rep.error)
         return reports
 
 
     @staticmethod
-    def _replay(lw: LayerWork, layer: nn.Module, forwards: list[Callable], hidden: list[torch.Tensor]) -> None:
+    def _replay(lw: LayerWork, layer: nn.Module, forwards: list[Callable], hidden: list[torch.Tensor],
+                done: Callable[[list[torch.Tensor], int], None] | None = None) -> None:
         """Within-layer order in the memory of one chunk: every chunk's forward runs from the layer's
         input to the first target not pruned yet (adding its input there) and stops; once all have,
         that target is pruned and the chunks start again. A chunk whose forward completes meets
@@ -312,9 +356,13 @@ class SequentialRun:
                     try:
                         out = forwards[c](hidden[c])
                     except StopLayer:
+                        if done is not None:
+                            done(hidden, c)
                         continue
                     _store_output(hidden, c, out)
                     finished.append(c)
+                    if done is not None:
+                        done(hidden, c)
                 pending = [c for c in pending if c not in finished]
                 if lw.stop_key is not None:
                     lw.release(lw.stop_key)
