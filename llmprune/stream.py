@@ -7,8 +7,8 @@ and hands the engine a :class:`ShardStream` residency:
 - ``bring_back(model, chunks)`` before each capture of the first layer's inputs: what lies outside the
   decoder layers (final norm, position tables) is read from the shards, the input embedding only in
   the rows of the calibration's tokens; ``set_aside`` drops them again once the capture is done.
-  An untied head, which no capture reaches, stays on the meta device; all of them are read whole
-  only to write the output;
+  An untied head, which no capture reaches, stays on the meta device. The embedding and the head are
+  never held whole: ``write_model`` copies what lies outside the layers to the output block by block;
 - ``acquire(i, layer)`` (and ``fetch`` for an observe-only pass such as OWL's): layer ``i``'s tensors
   are read from the input shards with plain reads (a memory map would keep every page read resident),
   cast to the storage dtype as ``from_pretrained`` does;
@@ -17,10 +17,12 @@ and hands the engine a :class:`ShardStream` residency:
   layer's without writing).
 
 Peak memory is about two layers (the one pruned and, while it is written, its copy in the shard
-buffer), the calibration hidden states and one chunk's activations, whatever the depth and the
-vocabulary; the parts outside the layers only while the output is written. The
+buffer), one chunk's activations and one layer's statistics, whatever the depth and the vocabulary:
+when the chunks are replayed, the hidden states live in a file mapping whose pages leave the
+resident set chunk by chunk (:mod:`llmprune.engine.passes`). The
 output holds one shard per decoder layer and one for the rest, with a ``model.safetensors.index.json``,
-and the same tensors, bit for bit, as the in-memory path writes (``tests/test_stream.py``).
+and the same tensors, bit for bit, as the in-memory path writes at the same thread count
+(``tests/test_stream.py``).
 
 Checkpoints whose layout ``transformers`` converts on load (fused MoE experts stored per expert, as
 Mixtral's in transformers 5) are refused: their layers cannot be read one tensor at a time as stored.
