@@ -66,12 +66,12 @@ def build_steps(config: PruneConfig):
     return reconstructor, compensator
 
 
-def needs_calibration(config: PruneConfig) -> bool:
+def needs_calibration(config: PruneConfig, methods: tuple | None = None) -> bool:
     """Whether pruning with ``config`` reads calibration data: a method, step or allocator that declares
-    statistics, or activation sparsity (magnitude alone reads none)."""
-    pruner, refiner, allocator = build_methods(config)
-    needs = frozenset().union(*(m.needs for m in (pruner, refiner, allocator, *build_steps(config)) if m is not None))
-    return bool(needs) or config.activation is not None
+    statistics, or activation sparsity (magnitude alone reads none). ``methods``: those of ``config``,
+    already built (:func:`build_methods` + :func:`build_steps`)."""
+    methods = methods if methods is not None else (*build_methods(config), *build_steps(config))
+    return bool(frozenset().union(*(m.needs for m in methods if m is not None))) or config.activation is not None
 
 
 def _layer_targets(values: list, n_layers: int, what: str) -> list[LayerTarget]:
@@ -150,7 +150,7 @@ def prune(
     uniform = LayerTarget(config.target_sparsity, config.nm)
     per_module = {rx: _module_target(v) for rx, v in (config.module_sparsity or {}).items()}
     _check_patterns(model, config, sparsity_map(uniform, per_layer, per_module))
-    if calibration is None and not needs_calibration(config):
+    if calibration is None and not needs_calibration(config, (pruner, refiner, allocator, reconstructor, compensator)):
         # magnitude needs no data: one short window keeps the engine path uniform and cheap
         ids = torch.zeros(1, 1, dtype=torch.long)
         calib = {"source": None, "nsamples": 0, "seqlen": 0, "seed": config.seed}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import sys
 import threading
@@ -39,6 +40,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+_MADV_DONTNEED = 4
 _MADV_PAGEOUT = 21  # Linux >= 5.4
 _PAGE = 4096
 TRIM_GROWTH = 1.05  # trim the heap once the resident set exceeds the first layer's by this factor
@@ -52,13 +54,28 @@ def _resident_bytes() -> int | None:
         return None
 
 
+@functools.cache
 def _libc():
+    """The C library (malloc_trim, madvise), loaded once; None where not on Linux."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
         return None
+
+
+def madvise_pages(libc, t: torch.Tensor, advice: int, inside: bool = False) -> None:
+    """``madvise(advice)`` over the pages of CPU tensor ``t``: every page it touches, or with ``inside`` only
+    the pages it covers whole (the neighbours of a tensor that shares its pages keep theirs). No-op
+    without ``libc``."""
+    if libc is None:
+        return
+    first, last = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    start = -(-first // _PAGE) * _PAGE if inside else first // _PAGE * _PAGE
+    end = last // _PAGE * _PAGE if inside else -(-last // _PAGE) * _PAGE
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
 
 
 class DiskOffloader:
@@ -81,11 +98,7 @@ class DiskOffloader:
                     yield f"{mname}.{pname}", p
 
     def _page_out(self, t: torch.Tensor) -> None:
-        if self._libc is None:
-            return
-        start = t.data_ptr() // _PAGE * _PAGE
-        end = -(-(t.data_ptr() + t.numel() * t.element_size()) // _PAGE) * _PAGE
-        self._libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+        madvise_pages(self._libc, t, _MADV_PAGEOUT)
 
     def acquire(self, index: int, layer: nn.Module) -> None:
         for _, p in self._cpu_params(layer):

@@ -116,22 +116,46 @@ class ShardIndex:
                 self._headers[shard] = (8 + n, json.loads(f.read(n)))
         return self._headers[shard]
 
-    def get(self, name: str) -> torch.Tensor:
-        """A fresh CPU tensor, read from the shard with plain reads: a memory map would keep the pages
-        read resident in this process (its peak memory would grow by a layer per layer), the page cache
-        does not count."""
+    def _read(self, name: str, first: int | None = None, last: int | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[first, last)`` of tensor ``name`` (the whole tensor when not given), as stored, into
+        ``out`` (a fresh tensor when None), with plain reads: a memory map would keep the pages read
+        resident in this process (its peak memory would grow by a layer per layer), the page cache does
+        not count."""
+        import math
+
         shard = self.weight_map[name]
         start, header = self._header(shard)
         meta = header[name]
-        b, e = meta["data_offsets"]
-        t = torch.empty(meta["shape"], dtype=_DTYPES[meta["dtype"]])  # [as stored]
+        shape = meta["shape"]
+        if first is not None:
+            shape = [last - first, *shape[1:]]
+            start += first * math.prod(shape[1:]) * _DTYPES[meta["dtype"]].itemsize
+        if out is None:
+            out = torch.empty(shape, dtype=_DTYPES[meta["dtype"]])  # [as stored]
         with open(self.folder / shard, "rb") as f:
-            f.seek(start + b)
-            n = f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy()))
-        if n != e - b:
+            f.seek(start + meta["data_offsets"][0])
+            n = f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
+        if n != out.numel() * out.element_size():
             raise StreamingError(f"{shard} ends inside tensor {name!r}: the file is truncated; download or copy it "
                                  "again")
-        return t
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name``: a fresh CPU tensor, as stored (see :meth:`_read`)."""
+        return self._read(name)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor ``name``, from its shard's header (nothing read)."""
+        return _DTYPES[self._header(self.weight_map[name])[1][name]["dtype"]]
+
+    def _block_rows(self, name: str) -> int:
+        """How many rows of tensor ``name`` fit in ``ROW_BLOCK_BYTES`` (at least one, at most all)."""
+        import math
+
+        shape = self._header(self.weight_map[name])[1][name]["shape"]
+        row_bytes = math.prod(shape[1:]) * self.dtype_of(name).itemsize
+        return max(1, min(shape[0], ROW_BLOCK_BYTES // max(row_bytes, 1)))
 
     def row_blocks(self, name: str) -> Iterator[torch.Tensor]:
         """Tensor ``name`` as stored, in consecutive blocks of rows of at most ``ROW_BLOCK_BYTES``."""
@@ -139,43 +163,27 @@ class ShardIndex:
         if not shape:
             yield self.get(name)
             return
-        import math
-
-        block = max(1, ROW_BLOCK_BYTES // max(math.prod(shape[1:]) * self.dtype_of(name).itemsize, 1))
+        block = self._block_rows(name)
         for r0 in range(0, shape[0], block):
-            yield self.get_rows(name, list(range(r0, min(r0 + block, shape[0]))))
-
-    def dtype_of(self, name: str) -> torch.dtype:
-        """The stored dtype of tensor ``name``, from its shard's header (nothing read)."""
-        return _DTYPES[self._header(self.weight_map[name])[1][name]["dtype"]]
+            yield self._read(name, r0, min(r0 + block, shape[0]))
 
     def get_rows(self, name: str, rows: list[int]) -> torch.Tensor:
         """Rows ``rows`` (sorted, distinct) of tensor ``name`` ``[R, ...]``, as stored, read in blocks of at
         most ``ROW_BLOCK_BYTES`` from the first row still wanted: ``[len(rows), ...]``."""
         import bisect
-        import math
 
-        shard = self.weight_map[name]
-        start, header = self._header(shard)
-        meta = header[name]
-        shape, dtype = meta["shape"], _DTYPES[meta["dtype"]]
-        row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        out = torch.empty((len(rows), *shape[1:]), dtype=dtype)  # [len(rows), ...]
-        block = max(1, min(shape[0], ROW_BLOCK_BYTES // max(row_bytes, 1)))
-        buf = torch.empty((block, *shape[1:]), dtype=dtype)  # [block, ...]
+        shape = self._header(self.weight_map[name])[1][name]["shape"]
+        block = self._block_rows(name)
+        out = torch.empty((len(rows), *shape[1:]), dtype=self.dtype_of(name))  # [len(rows), ...]
+        buf = torch.empty((block, *shape[1:]), dtype=out.dtype)  # [block, ...]
         k = 0
-        with open(self.folder / shard, "rb") as f:
-            while k < len(rows):
-                first = rows[k]
-                last = min(first + block, shape[0])
-                j = bisect.bisect_left(rows, last, k)
-                f.seek(start + meta["data_offsets"][0] + first * row_bytes)
-                part = buf[: last - first]
-                if f.readinto(memoryview(part.view(-1).view(torch.uint8).numpy())) != (last - first) * row_bytes:
-                    raise StreamingError(f"{shard} ends inside tensor {name!r}: the file is truncated; download or "
-                                         "copy it again")
-                out[k:j] = part[torch.tensor(rows[k:j]) - first]
-                k = j
+        while k < len(rows):
+            first = rows[k]
+            last = min(first + block, shape[0])
+            j = bisect.bisect_left(rows, last, k)
+            part = self._read(name, first, last, buf[: last - first])
+            out[k:j] = part[torch.tensor(rows[k:j]) - first]
+            k = j
         return out
 
     def nbytes(self, dtype: torch.dtype | None = None) -> int:
@@ -307,10 +315,9 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         mod._buffers[attr] = value
 
 
-def _get_tensor(root: nn.Module, name: str) -> torch.Tensor | None:
-    """Parameter or buffer ``name`` of ``root``."""
-    mod_name, _, attr = name.rpartition(".")
-    return getattr(root.get_submodule(mod_name) if mod_name else root, attr, None)
+def _as_loaded(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor as ``from_pretrained`` loads it in ``dtype``: floating tensors cast, others as stored."""
+    return value.to(dtype) if value.is_floating_point() else value
 
 
 def _set_tied(root: nn.Module, names: list[str], value: torch.Tensor) -> None:
@@ -376,7 +383,7 @@ def build_skeleton(folder: Path, config: PruneConfig, read_rest: bool = True):
         if name in index.weight_map:
             if read_rest:
                 value = index.get(name)
-                _set_tensor(model, name, value.to(dtype) if value.is_floating_point() else value)
+                _set_tensor(model, name, _as_loaded(value, dtype))
         elif t.device.type == "meta":
             missing.append(name)
     model.tie_weights()
@@ -403,13 +410,14 @@ class ShardStream:
         self.bytes = 0
         self.aside: list[tuple[list[str], str, torch.dtype]] = []  # (names of one tensor, its shard name, dtype)
         self._compact = None  # the input embedding's rows read for a capture (bring_back), until set_aside
+        self._compact_calls = 0  # lookups through those rows during the capture
 
     memory_first = True  # execution "auto" replays chunks instead of holding all of them (SequentialRun)
 
     def acquire(self, index: int, layer: nn.Module) -> None:
         for name, _ in list(_persistent_state(layer)):
             value = self.index.get(f"{self.prefix}.{index}.{name}")
-            _set_tensor(layer, name, value.to(self.dtype) if value.is_floating_point() else value)
+            _set_tensor(layer, name, _as_loaded(value, self.dtype))
 
     fetch = acquire  # an observe-only pass reads the layer the same way
 
@@ -456,27 +464,26 @@ class ShardStream:
         only, its lookups mapped onto them by a forward pre-hook until :meth:`set_aside`: the capture's
         hidden states are the same, bit for bit (a lookup copies rows), in at most ``nsamples x seqlen``
         rows instead of the vocabulary (the embedded model: 49,152)."""
-        emb = model.get_input_embeddings() if chunks is not None and hasattr(model, "get_input_embeddings") else None
-        if not isinstance(emb, nn.Embedding) or emb.max_norm is not None:  # max_norm renormalises rows in place
-            emb = None
-        head = model.get_output_embeddings() if chunks is not None and hasattr(model, "get_output_embeddings") else None
+        inputs = model.get_input_embeddings() if chunks is not None else None
+        head = model.get_output_embeddings() if chunks is not None else None
+        # max_norm renormalises the rows it looks up in place: such an embedding is read whole
+        emb = inputs if isinstance(inputs, nn.Embedding) and inputs.max_norm is None else None
         head_tensors = {id(t) for t in head.state_dict(keep_vars=True).values()} if head is not None else set()
-        inputs = model.get_input_embeddings() if head_tensors else None
         head_tensors -= {id(t) for t in inputs.state_dict(keep_vars=True).values()} if inputs is not None else set()
         kept = []
         for entry in self.aside:
             group, stored, dtype = entry
-            if head_tensors and all(id(_get_tensor(model, n)) in head_tensors for n in group):
+            if head_tensors and all(id(model.get_parameter_or_buffer(n)) in head_tensors for n in group):
                 kept.append(entry)  # an untied head: no capture reaches it
                 continue
-            if emb is not None and any(_get_tensor(model, n) is emb.weight for n in group):
+            if emb is not None and any(model.get_parameter_or_buffer(n) is emb.weight for n in group):
                 ids = torch.cat([c.reshape(-1) for c in chunks]).unique()  # sorted [u]
                 if ids.numel() and 0 <= int(ids[0]) and int(ids[-1]) < emb.num_embeddings:
                     self._embed_rows(model, emb, group, stored, dtype, ids)
                     kept.append(entry)
                     continue
             value = self.index.get(stored)
-            _set_tied(model, group, value.to(dtype) if value.is_floating_point() else value)
+            _set_tied(model, group, _as_loaded(value, dtype))
         self.aside = kept
 
     def _embed_rows(self, model: nn.Module, emb: nn.Embedding, group: list[str], stored: str, dtype: torch.dtype,
@@ -484,8 +491,8 @@ class ShardStream:
         """Input embedding ``emb`` holding only rows ``ids [u]`` (sorted), token ``ids[k]`` looked up at row k."""
         rows = self.index.get_rows(stored, ids.tolist())  # [u, H] as stored
         shape = tuple(emb.weight.shape)
-        name = next(n for n in group if _get_tensor(model, n) is emb.weight)
-        _set_tensor(model, name, rows.to(dtype) if rows.is_floating_point() else rows)  # the tied head stays meta
+        name = next(n for n in group if model.get_parameter_or_buffer(n) is emb.weight)
+        _set_tensor(model, name, _as_loaded(rows, dtype))  # the tied head stays meta
         position = torch.full((emb.num_embeddings,), -1, dtype=torch.long)  # [vocab] -> row of ``rows``
         position[ids] = torch.arange(ids.numel())
 
@@ -571,7 +578,8 @@ class ShardStream:
             t = tensors[name]
             if t.device.type == "meta":
                 stored, dtype = source[name]
-                dtype = dtype if self.index.dtype_of(stored).is_floating_point else self.index.dtype_of(stored)
+                as_stored = self.index.dtype_of(stored)
+                dtype = dtype if as_stored.is_floating_point else as_stored  # as _as_loaded will give it
             else:
                 stored, dtype = None, t.dtype
             nbytes = t.numel() * dtype.itemsize
@@ -588,7 +596,7 @@ class ShardStream:
             for name, t, stored, dtype, b, e in plan:
                 parts = self.index.row_blocks(stored) if stored is not None else [t]
                 for part in parts:
-                    part = part.to(dtype) if part.is_floating_point() else part
+                    part = _as_loaded(part, dtype)
                     f.write(memoryview(part.contiguous().reshape(-1).view(torch.uint8).numpy()))
                 if f.tell() != len(head) + 8 + e:
                     raise StreamingError(f"{name}: {f.tell() - len(head) - 8 - b} bytes written, {e - b} expected")

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..offload import _MADV_DONTNEED, _libc, madvise_pages
 from ..stats import InputStats
 from ..steps import ObservedModule
 from .capture import capture_layer_inputs, inference_state, module_device, resolve_device
@@ -67,27 +68,6 @@ def free_memory(device: torch.device) -> int:
     import psutil
 
     return psutil.virtual_memory().available
-
-
-_PAGE = 4096
-_MADV_DONTNEED = 4
-
-
-def _drop_pages(t: torch.Tensor) -> None:
-    """The whole pages of ``t``, a view of a shared file mapping, out of the resident set: the data stays
-    in the file (the page cache) and is faulted back in when read. Only for file-backed shared memory:
-    on private memory the same call would zero it."""
-    from ..offload import _libc
-
-    libc = _libc()
-    if libc is None:
-        return
-    import ctypes
-
-    start = -(-t.data_ptr() // _PAGE) * _PAGE  # whole pages inside the tensor: its neighbours keep theirs
-    end = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
-    if end > start:
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 def _store_output(hidden: list[torch.Tensor], c: int, out: torch.Tensor) -> None:
@@ -209,12 +189,14 @@ class SequentialRun:
 
     def _done_with(self, hidden: list[torch.Tensor], c: int | None = None) -> None:
         """Chunk ``c`` (every chunk when None) has gone through for now: its pages leave the resident set
-        when it lives in the spilled buffer (a chunk read from elsewhere, e.g. a resumed run's, stays)."""
+        when it lives in the spilled buffer, a shared file mapping, whose data stays in the file and is
+        faulted back in when read. A chunk read from elsewhere (a resumed run's) stays: on private memory
+        the same call would zero it."""
         if self._spill_ptr is None:
             return
         for h in hidden if c is None else [hidden[c]]:
             if h.device.type == "cpu" and h.untyped_storage().data_ptr() == self._spill_ptr:
-                _drop_pages(h)
+                madvise_pages(_libc(), h, _MADV_DONTNEED, inside=True)
 
     def _targets(self, i: int, layer: nn.Module):
         found = find_targets(layer, f"{self.layers_name}.{i}", self.targets, self.ignore)
@@ -355,12 +337,11 @@ class SequentialRun:
                     lw.new_forward()
                     try:
                         out = forwards[c](hidden[c])
-                    except StopLayer:
-                        if done is not None:
-                            done(hidden, c)
-                        continue
-                    _store_output(hidden, c, out)
-                    finished.append(c)
+                    except StopLayer:  # stopped at the next target: the input is read again next time
+                        pass
+                    else:
+                        _store_output(hidden, c, out)
+                        finished.append(c)
                     if done is not None:
                         done(hidden, c)
                 pending = [c for c in pending if c not in finished]
