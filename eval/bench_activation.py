@@ -73,7 +73,7 @@ def machine() -> str:
 
 def run_cell(cell: str, data_dir: str, windows: int) -> dict:
     import llmprune
-    from llmprune.models import load_model
+    from llmprune import load_model
 
     model, tok, _ = load_model(None, dtype="float32")
     settings = parse_cell(cell)
@@ -97,7 +97,7 @@ def run_cell(cell: str, data_dir: str, windows: int) -> dict:
 
 def run_dense(data_dir: str, windows: int) -> dict:
     import llmprune
-    from llmprune.models import load_model
+    from llmprune import load_model
 
     model, tok, _ = load_model(None, dtype="float32")
     ev = llmprune.evaluate(model, tok, ppl=["wikitext2"], seqlen=2048, max_windows=windows, data_dir=data_dir,
@@ -123,7 +123,7 @@ def decode(res: dict, data_dir: str, new_tokens: int, repeats: int, decode_calib
     on the CPU, and the faster one for the dense model too)."""
     from llmprune.activation import apply_activation_sparsity
     from llmprune.evaluation.perplexity import load_text, tokenize_once
-    from llmprune.models import load_model
+    from llmprune import load_model
 
     model, tok, _ = load_model(None, dtype="float32")
     model.set_attn_implementation(attention)

@@ -238,7 +238,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from llmprune.evaluation.results import eval_versions
-    from llmprune.models import embedded_model_path, load_model
+    from llmprune import load_model
+    from llmprune.loading.models import embedded_model_path
 
     model, tok, _ = load_model(None, dtype="float32")
     results: dict = {"versions": eval_versions()}

@@ -98,7 +98,7 @@ def main() -> int:
                          "(marked as from an earlier run; never used for the ratios)")
     args = ap.parse_args()
 
-    from llmprune.models import embedded_model_path
+    from llmprune.loading.models import embedded_model_path
 
     dense = embedded_model_path()  # converted once, outside the timed runs
     work = Path(args.workdir)

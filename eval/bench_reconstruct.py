@@ -166,7 +166,7 @@ def main() -> int:
                     "(the load average after each cell is recorded beside them)")
     args = ap.parse_args()
 
-    from llmprune.models import embedded_model_path
+    from llmprune.loading.models import embedded_model_path
 
     embedded_model_path()  # converted once, outside the timed runs
     work = Path(args.workdir)

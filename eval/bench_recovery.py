@@ -130,8 +130,8 @@ def main() -> int:
     args = ap.parse_args()
 
     import llmprune
-    from llmprune.data import get_calibration
-    from llmprune.models import load_model
+    from llmprune.calibration import get_calibration
+    from llmprune import load_model
 
     out: dict = {"command": "python eval/bench_recovery.py " + " ".join(sys.argv[1:]), "machine": machine(),
                  "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),

@@ -95,8 +95,8 @@ def calibration_forward_seconds(data_dir: str, nsamples: int, seqlen: int, seed:
     """One dense forward of the calibration batch through the model (the observe pass's yardstick)."""
     import torch
 
-    from llmprune.data import get_calibration
-    from llmprune.models import load_model
+    from llmprune.calibration import get_calibration
+    from llmprune import load_model
 
     model, tok, _ = load_model(None, dtype="float32")
     ids = get_calibration("c4", tok, nsamples=nsamples, seqlen=seqlen, seed=seed, data_dir=data_dir)
@@ -125,7 +125,7 @@ def main() -> int:
                     help="the machine runs nothing else during this run: mark its times and peaks as comparable")
     args = ap.parse_args()
 
-    from llmprune.models import embedded_model_path
+    from llmprune.loading.models import embedded_model_path
 
     embedded_model_path()  # converted once, outside the timed runs
     work = Path(args.workdir)

@@ -49,7 +49,7 @@ finally:
 MAKE_DEEP = """
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-from llmprune.models import embedded_model_path
+from llmprune.loading.models import embedded_model_path
 out, layers = sys.argv[1], int(sys.argv[2])
 src = embedded_model_path()
 tok = AutoTokenizer.from_pretrained(src)
@@ -94,7 +94,7 @@ def same_tensors(a: Path, b: Path) -> tuple[bool, int]:
 
 
 def weights_bytes(folder: Path) -> int:
-    from llmprune.stream import ShardIndex
+    from llmprune.loading.shards import ShardIndex
 
     return ShardIndex(folder).nbytes()
 
@@ -126,7 +126,7 @@ def part_embedded(args, work: Path, hwm: Path) -> dict:
     if args.peer_python:  # llm-compressor's oneshot on the same model, calibration and settings, in this run
         from bench_prune import run_measured
 
-        from llmprune.models import embedded_model_path
+        from llmprune.loading.models import embedded_model_path
 
         cmd = [args.peer_python, str(HERE / "peer_llmcompressor.py"), "--model", str(embedded_model_path()),
                "--method", "sparsegpt", "--sparsity", "0.5", "--data-dir", args.data_dir, "--nsamples", "32",

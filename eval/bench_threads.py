@@ -86,7 +86,7 @@ def pair(kind: str, threads: str, args: argparse.Namespace, work: Path) -> list[
 
 
 def machine_state() -> dict:
-    from llmprune.threads import cgroup_quota, runnable_tasks
+    from llmprune.runtime.threads import cgroup_quota, runnable_tasks
 
     return {"cores": len(os.sched_getaffinity(0)), "quota": cgroup_quota(), "load1": round(os.getloadavg()[0], 2),
             "runnable_others": runnable_tasks()}

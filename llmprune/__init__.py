@@ -17,11 +17,11 @@ _EXPORTS = {
     "EvalResults": ".evaluation", "evaluate": ".evaluation",
     "PRUNERS": ".pruners", "get_pruner": ".pruners",
     "PruneReport": ".report",
-    "save": ".saving",
-    "apply_thread_policy": ".threads",
+    "save": ".checkpoint.save", "load_model": ".checkpoint.load",
+    "apply_thread_policy": ".runtime.threads",
     "apply_activation_sparsity": ".activation",
-    "MergeReport": ".training", "SparsityError": ".training", "SparsityKeeper": ".training",
-    "merge_and_keep_sparsity": ".training", "unwrap_model": ".training",
+    "MergeReport": ".recovery", "SparsityError": ".recovery", "SparsityKeeper": ".recovery",
+    "merge_and_keep_sparsity": ".recovery", "unwrap_model": ".recovery",
     "compress": ".checkpoint", "decompress": ".checkpoint", "load": ".checkpoint", "push": ".checkpoint",
 }
 

@@ -12,7 +12,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from . import pruners, steps  # noqa: F401 - every built-in method registered, with its options
+from .errors import ConfigError
+from .evaluation.config import EvalConfig
+from .evaluation.perplexity import PPL_DATASETS
+from .masks import parse_pattern
+from .pruners.sparsegpt import SparseGPT
+from .registry import _TABLES, lookup
+from .settings import Settings, split_list
+
+__all__ = ["ConfigError", "EvalConfig", "PruneConfig", "parse_pattern"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -36,119 +47,14 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message says which and how to fix it."""
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """``"unstructured"`` -> None; ``"2:4"`` -> (2, 4): keep N of every M consecutive inputs."""
-    if pattern == "unstructured":
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
-    if not m:
-        raise ValueError(
-            f"pattern {pattern!r} is not understood; use 'unstructured' or 'N:M' such as '2:4' or '4:8'"
-        )
-    n, mm = int(m.group(1)), int(m.group(2))
-    if not 0 < n < mm:
-        raise ValueError(f"pattern {pattern!r} needs 0 < N < M (N weights kept in every group of M), e.g. '2:4'")
-    return n, mm
-
-
-def _split_list(v: Any) -> Any:
-    """``"wikitext2,c4"`` -> ``["wikitext2", "c4"]`` (CLI and YAML may give either form)."""
-    if isinstance(v, str):
-        return [x.strip() for x in v.split(",") if x.strip()]
-    return v
-
-
-class _Config(BaseModel):
-    """Typed settings: unknown keys are errors, values are validated on assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @classmethod
-    def build(cls, data: dict[str, Any], source: str = "config") -> Any:
-        """Validate ``data``; errors name the field, the value and the fix."""
-        bad = [k for k in data if not isinstance(k, str)]
-        if bad:
-            raise ConfigError(f"invalid {source}:\n  key {bad[0]!r} is not a name; valid keys are: "
-                              f"{', '.join(cls.model_fields)}")
-        try:
-            return cls(**data)
-        except ValidationError as e:
-            raise ConfigError(format_validation_error(e, source)) from None
-
-
-class EvalConfig(_Config):
-    """What to evaluate a model on, and by which protocol."""
-
-    ppl: list[str] = Field(
-        default_factory=list,
-        description="Perplexity datasets, comma-separated: wikitext2, c4, or .txt/.jsonl/.json files.",
-    )
-    tasks: list[str] = Field(
-        default_factory=list,
-        description="lm-eval tasks, comma-separated, e.g. piqa,arc_easy,hellaswag (offline configs: eval/tasks/).",
-    )
-    seqlen: int = Field(2048, ge=2, description="Perplexity window length in tokens (clipped to the model's context).")
-    max_windows: int | None = Field(None, ge=1, description="Score at most this many perplexity windows.")
-    limit: float | None = Field(
-        None, gt=0, description="Tasks: at most this many documents per task (a fraction if below 1)."
-    )
-    num_fewshot: int | None = Field(None, ge=0, description="Tasks: few-shot examples (default: each task's own).")
-    batch_size: str = Field(
-        "1", description="Windows / requests per forward: an integer, or 'auto' (lm-eval picks for tasks)."
-    )
-    include_path: list[str] = Field(
-        default_factory=list, description="Extra folders of lm-eval task YAML files, comma-separated."
-    )
-    task_source: Literal["auto", "local", "hub"] = Field(
-        "auto",
-        description="Task configs: 'local' (eval/tasks, data from the data dir), 'hub' (lm-eval's own), or "
-        "'auto' (local when a data dir is set and every task has an offline config).",
-    )
-    data_dir: str | None = Field(
-        None, description="Folder with offline copies of the datasets (also $LLMPRUNE_DATA_DIR)."
-    )
-
-    @field_validator("ppl", "tasks", "include_path", mode="before")
-    @classmethod
-    def _lists(cls, v: Any) -> Any:
-        return _split_list(v)
-
-    @field_validator("batch_size", mode="before")
-    @classmethod
-    def _check_batch_size(cls, v: Any) -> str:
-        s = str(v).strip()
-        if not (re.fullmatch(r"[1-9]\d*", s) or re.fullmatch(r"auto(:[1-9]\d*)?", s)):
-            raise ValueError(f"batch size {v!r} is not understood; give a positive integer or 'auto'")
-        return s
-
-    @field_validator("limit")
-    @classmethod
-    def _check_limit(cls, v: float | None) -> float | None:
-        if v is not None and v >= 1 and v != int(v):
-            raise ValueError(f"limit {v} must be a whole number of documents, or a fraction below 1")
-        return v
-
-    @property
-    def ppl_batch_size(self) -> int:
-        return int(self.batch_size) if self.batch_size.isdigit() else 1
-
-    @property
-    def task_limit(self) -> int | float | None:
-        if self.limit is None:
-            return None
-        return int(self.limit) if self.limit >= 1 else self.limit
-
-    @property
-    def empty(self) -> bool:
-        return not self.ppl and not self.tasks
 
 
 
-class PruneConfig(_Config):
+
+
+
+
+class PruneConfig(Settings):
     """What to prune, how, and with which calibration data."""
 
     model: str | None = Field(
@@ -395,7 +301,7 @@ class PruneConfig(_Config):
     @classmethod
     def _eval_list(cls, v: Any) -> Any:
         if isinstance(v, (str, list)):
-            names = _split_list(v)
+            names = split_list(v)
             bad = [x for x in names if not isinstance(x, str) or not x.strip()]
             if bad:
                 raise ValueError(f"evaluation entries must be dataset or task names such as 'wikitext2' or "
@@ -463,7 +369,7 @@ class PruneConfig(_Config):
     @field_validator("layer_sparsity", mode="before")
     @classmethod
     def _layer_list(cls, v: Any) -> Any:
-        return _split_list(v)
+        return split_list(v)
 
     @field_validator("layer_sparsity")
     @classmethod
@@ -567,8 +473,6 @@ class PruneConfig(_Config):
         if self.allocation is not None and self.layer_sparsity is not None:
             raise ValueError("layer_sparsity and allocation both set the per-layer sparsity; give one of them")
         if self.method == "sparsegpt" and self.nm_exact is True:  # an exact search too large: say so now
-            from .pruners.sparsegpt import SparseGPT
-
             patterns = [self.pattern, *[v for v in (self.module_sparsity or {}).values() if isinstance(v, str)]]
             for p in patterns:
                 SparseGPT(nm_exact=True).nm_choice(parse_pattern(p))
@@ -611,10 +515,9 @@ class PruneConfig(_Config):
     # ---- YAML ------------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> PruneConfig:
-        """Load a recipe; ``overrides`` (e.g. from the CLI) win over the file's values."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {str(path)!r} does not exist; give the path of a YAML file (see recipes/)")
+        """Load a recipe, a packaged one by name (``"sparsegpt-50"``, see :func:`recipe_summaries`) or a YAML
+        file; ``overrides`` (e.g. from the CLI) win over its values."""
+        path = recipe_path(path)
         try:
             data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -622,21 +525,21 @@ class PruneConfig(_Config):
             at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"recipe {str(path)!r} is not valid YAML{at}: {problem}; fix the file "
-                              "(see recipes/ for examples)") from None
+                              "(see `llmprune recipes` for examples)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {str(path)!r} must be a mapping of config fields, got {type(data).__name__}")
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        steps = ("method", "refine", "allocation", "reconstruct", "compensate")
-        if any(k in overrides and overrides[k] != data.get(k) for k in steps):
+        chosen = ("method", "refine", "allocation", "reconstruct", "compensate")
+        if any(k in overrides and overrides[k] != data.get(k) for k in chosen):
             # options of the recipe's methods that the overrides replaced do not apply any more
-            kept = {overrides.get(k, data.get(k)) for k in steps} - {None}
+            kept = {overrides.get(k, data.get(k)) for k in chosen} - {None}
             for key in [k for k in data if k in option_owners() and not option_owners()[k] & kept]:
                 data.pop(key)
         if "pattern" in overrides and "sparsity" not in overrides and parse_pattern(str(overrides["pattern"])):
             data.pop("sparsity", None)  # an N:M override implies its own sparsity
         if isinstance(overrides.get("eval"), (str, list)) and isinstance(data.get("eval"), dict):
             # --eval names the datasets and tasks; the recipe's other evaluation settings stay
-            overrides["eval"] = {**data["eval"], **split_eval_names(_split_list(overrides["eval"]))}
+            overrides["eval"] = {**data["eval"], **split_eval_names(split_list(overrides["eval"]))}
         data.update(overrides)
         return cls.build(data, source=str(path))
 
@@ -647,18 +550,39 @@ class PruneConfig(_Config):
         return yaml.safe_dump(data, sort_keys=False)
 
 
-def _registered(kind: str, name: str) -> str:
-    from .registry import lookup
+RECIPES_DIR = Path(__file__).parent / "recipes"  # shipped with the package (package data)
 
+
+def recipe_path(recipe: str | Path) -> Path:
+    """The file of ``recipe``: a YAML path, or the name of a packaged recipe (``sparsegpt-50``)."""
+    path = Path(recipe).expanduser()
+    if path.is_file():
+        return path
+    named = RECIPES_DIR / f"{recipe}.yaml"
+    if path.suffix == "" and path.name == str(recipe) and named.is_file():
+        return named
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"recipe {str(recipe)!r} does not exist: it is neither a YAML file nor a packaged recipe; give "
+                      f"a path, or one of: {', '.join(names)} (`llmprune recipes` lists what each does)")
+
+
+def recipe_summaries() -> list[tuple[str, str]]:
+    """``(name, what it reproduces)`` of every packaged recipe: its name and the line below its command."""
+    out = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        comments = [ln.lstrip("# ").strip() for ln in path.read_text(encoding="utf-8").splitlines()
+                    if ln.startswith("#")]
+        out.append((path.stem, comments[1] if len(comments) > 1 else ""))
+    return out
+
+
+def _registered(kind: str, name: str) -> str:
     lookup(kind, name)  # the error lists the registered choices
     return name
 
 
 def option_owners() -> dict[str, set[str]]:
     """Config field -> names of the registered methods that take it as an option."""
-    from .registry import _TABLES, load_builtins
-
-    load_builtins()
     owners: dict[str, set[str]] = {}
     for table in _TABLES.values():
         for name, cls in table.items():
@@ -669,21 +593,5 @@ def option_owners() -> dict[str, set[str]]:
 
 def split_eval_names(names: list[str]) -> dict[str, list[str]]:
     """Sort ``--eval`` names into perplexity datasets (wikitext2, c4, text files) and lm-eval tasks."""
-    from .evaluation.perplexity import PPL_DATASETS
-
     ppl = [n for n in names if n in PPL_DATASETS or Path(n).suffix in (".txt", ".jsonl", ".json")]
     return {"ppl": ppl, "tasks": [n for n in names if n not in ppl]}
-
-
-def format_validation_error(e: ValidationError, source: str) -> str:
-    lines = [f"invalid {source}:"]
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(config)"
-        if err["type"] == "extra_forbidden":
-            model = EvalConfig if (e.title == "EvalConfig" or err["loc"][:1] == ("eval",)) else PruneConfig
-            known = ", ".join(model.model_fields)
-            lines.append(f"  unknown key {loc!r}; valid keys are: {known}")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {loc} = {err.get('input')!r}: {msg}")
-    return "\n".join(lines)

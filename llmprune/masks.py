@@ -10,6 +10,8 @@ boolean kernels are several times faster there than torch's (``kthvalue``, ``gt`
 
 from __future__ import annotations
 
+import re
+
 from typing import Literal
 
 import torch
@@ -131,3 +133,18 @@ def zero_fraction(W: torch.Tensor) -> float:
     if W.numel() == 0:
         return 0.0
     return 1.0 - count_nonzero(W) / W.numel()
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"2:4"`` -> (2, 4): keep N of every M consecutive inputs."""
+    if pattern == "unstructured":
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+    if not m:
+        raise ValueError(
+            f"pattern {pattern!r} is not understood; use 'unstructured' or 'N:M' such as '2:4' or '4:8'"
+        )
+    n, mm = int(m.group(1)), int(m.group(2))
+    if not 0 < n < mm:
+        raise ValueError(f"pattern {pattern!r} needs 0 < N < M (N weights kept in every group of M), e.g. '2:4'")
+    return n, mm

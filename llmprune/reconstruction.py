@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .runtime.blas import scipy_blas_single_thread
 from .stats import InputStats
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,10 @@ def _eigh64(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if A.device.type == "cpu":
         try:
             import scipy.linalg
-
-            from .pruners.sparsegpt import _scipy_blas_single_thread
         except ImportError:  # pragma: no cover - scipy comes with lm-eval's dependencies
             scipy = None
         if scipy is not None:
-            with _scipy_blas_single_thread()():
+            with scipy_blas_single_thread()():
                 L, Q = scipy.linalg.eigh(A.double().numpy(), driver="evd", check_finite=False)
             return torch.from_numpy(L).to(A.dtype), torch.from_numpy(Q).to(A.dtype)
     L, Q = torch.linalg.eigh(A.double())

@@ -3,6 +3,10 @@
 A method is one file under ``llmprune/pruners/`` or ``llmprune/steps/`` whose class carries one
 of the decorators below; the packages import every file they hold, so nothing else needs editing.
 Outside the package, ``register_pruner(MyPruner)`` makes ``method="mine"`` available too.
+
+This module is the table alone and imports nothing of the package: the built-in methods fill it
+when ``llmprune.pruners`` and ``llmprune.steps`` are imported, which the config (and so every face
+of the package) does before it looks a name up.
 """
 
 from __future__ import annotations
@@ -55,15 +59,9 @@ def register_compensator(cls: T) -> T:
     return _register(COMPENSATORS, cls)
 
 
-def load_builtins() -> None:
-    """Import the built-in methods (they register themselves)."""
-    from . import pruners, steps  # noqa: F401
-
-
 def table(kind: str) -> dict[str, type]:
     """The registered classes of one kind: ``"method"``, ``"refine"``, ``"allocation"``, ``"reconstruct"``
     or ``"compensate"``."""
-    load_builtins()
     return _TABLES[kind]
 
 

@@ -7,7 +7,11 @@ import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .engine import LayerReport
+from .activation.report import summary_lines
+from .calibration import portable_settings
+from .engine.layer import LayerReport
+from .runtime.threads import applied
+from .steps.eora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 EVAL_FILE = "llmprune_eval.json"  # evaluation results saved beside a pruned checkpoint
 PERMUTATIONS_FILE = "llmprune_permutations.safetensors"  # input-channel permutations of N:M modules (RIA)
@@ -26,8 +30,6 @@ def library_versions() -> dict[str, str]:
 
 
 def _thread_policy() -> dict[str, Any] | None:
-    from .threads import applied
-
     return applied()
 
 
@@ -69,8 +71,6 @@ class PruneReport:
     @property
     def portable_config(self) -> dict[str, Any]:
         """The settings as the checkpoint records them: data sources by name, no path of this machine."""
-        from .data import portable_settings
-
         return portable_settings(self.config)
 
     @property
@@ -123,8 +123,6 @@ class PruneReport:
         """The compensation step: adapter files, ranks, parameters (also as a fraction of the pruned weights)."""
         if not self.config.get("compensate"):
             return None
-        from .steps.eora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
         ranks = sorted({lr.rank for lr in self.adapters.values()})
         return {
             "method": self.config.get("compensate"),
@@ -259,8 +257,6 @@ class PruneReport:
                          f"{'/'.join(map(str, comp['ranks'])) or '-'}, {comp['adapter_params']:,} parameters "
                          f"({comp['adapter_fraction']:.2%} of the pruned weights), saved as a PEFT adapter")
         if self.activation is not None:
-            from .activation.report import summary_lines
-
             lines += summary_lines(self.activation)
         if self.skipped:
             lines.append(f"left dense by role: {len(self.skipped)} module(s) (routers and gates), e.g. "

@@ -166,7 +166,7 @@ def test_installing_twice_is_refused(ids):
 def test_save_load_apply_gives_the_in_memory_logits(ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from llmprune.saving import save_pruned
+    from llmprune.checkpoint.save import save_pruned
 
     model = make_tiny_model("llama")
     report = _prune(model, ids, method="wanda", sparsity=0.5, activation="wina", activation_sparsity=0.4)

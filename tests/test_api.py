@@ -10,7 +10,7 @@ import torch
 from conftest import VOCAB, byte_tokenizer, make_tiny_model
 
 import llmprune
-from llmprune.data import CalibrationError, get_calibration
+from llmprune.calibration import CalibrationError, get_calibration
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

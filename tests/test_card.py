@@ -12,7 +12,7 @@ import llmprune
 from llmprune.checkpoint.card import CARD_FILE, EMBEDDED_BASE, build_card, read_front_matter, write_card
 from llmprune.evaluation.results import EvalResults, save_all
 from llmprune.report import EVAL_FILE
-from llmprune.saving import REPORT_FILE, save_pruned
+from llmprune.checkpoint.save import REPORT_FILE, save_pruned
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ from torch import nn
 
 import llmprune
 from llmprune.checkpoint import LOAD_HOOKS, CompressedFormatError, LoadError, compress, decompress, load
-from llmprune.checkpoint.compressed import (
+from llmprune.checkpoint.format import (
     COMPRESSED_WEIGHTS, decode, encode, index_bits, pack_bits, pack_indices, unpack_bits, unpack_indices,
 )
 from llmprune.cli import main
-from llmprune.saving import save_pruned
+from llmprune.checkpoint.save import save_pruned
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PATTERNS = ["unstructured", "2:4", "4:8"]
@@ -114,7 +114,7 @@ def test_tensor_round_trip_bit_identical(pattern, dtype):
 def test_nm_decodes_in_chunks_across_byte_boundaries(pattern, monkeypatch):
     """N:M indices are unpacked a chunk of groups at a time; chunk edges fall on bytes of the packed
     indices for every index width (1, 2, 3 bits), and a last partial chunk is decoded too."""
-    import llmprune.checkpoint.compressed as comp
+    import llmprune.checkpoint.format as comp
 
     N, M = map(int, pattern.split(":"))
     W = sparsify(torch.randn(13, 8 * M), pattern, seed=1) if pattern != "1:2" else torch.randn(13, 16)
@@ -310,7 +310,7 @@ def test_cli_compress_decompress(tmp_path, capsys):
 
 def test_compressed_folder_through_load_model(tiny_llama_dir, tmp_path):
     """``llmprune eval`` / ``llmprune prune`` take a compressed folder as MODEL too."""
-    from llmprune.models import load_model
+    from llmprune import load_model
 
     comp = compress(tiny_llama_dir, tmp_path / "comp", pattern="unstructured")
     model, tok, source = load_model(str(comp))

@@ -10,7 +10,7 @@ import yaml
 
 from llmprune.config import ConfigError, PruneConfig, parse_pattern
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "llmprune" / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 
 
@@ -22,7 +22,7 @@ def test_recipes_exist():
 def test_recipe_loads_and_matches_its_name(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("#") and "llmprune prune" in first
-    assert f"--recipe recipes/{path.name}" in first  # the command runs this very file
+    assert f"--recipe {path.stem} " in first + " "  # the command runs this very recipe, by name
 
     cfg = PruneConfig.from_yaml(path)
     method, _, shape = path.stem.partition("-")  # e.g. wanda-2of4, sparsegpt-50, wanda-70-owl-dsnot

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmprune import data
-from llmprune.data import CalibrationError, describe_source, get_calibration, resolve_data_dir
+from llmprune import calibration as data
+from llmprune.calibration import CalibrationError, describe_source, get_calibration, resolve_data_dir
 
 BOS, EOS, PAD = 0, 1, 2
 
@@ -132,7 +132,7 @@ def test_c4_matches_reference_sampling(tokenizer, tmp_path, monkeypatch):
 
 
 def test_wikitext2_local_uses_valid_not_test(tokenizer, data_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="llmprune.data"):
+    with caplog.at_level(logging.WARNING, logger="llmprune.calibration"):
         out = get_calibration("wikitext2", tokenizer, nsamples=3, seqlen=64, seed=0, data_dir=data_dir)
     assert out.shape == (3, 64)
     assert "valid split" in caplog.text and "valid.txt" in caplog.text
@@ -251,7 +251,7 @@ def test_chat_records_use_chat_template(tokenizer, tmp_path):
 def test_short_documents_fall_back_to_concatenation(tokenizer, tmp_path, caplog):
     path = _write_jsonl(tmp_path / "short.jsonl", [{"text": t} for t in DOCS])
     longest = max(len(_ids(tokenizer, t, special=True)) for t in DOCS)
-    with caplog.at_level(logging.WARNING, logger="llmprune.data"):
+    with caplog.at_level(logging.WARNING, logger="llmprune.calibration"):
         a = get_calibration(path, tokenizer, nsamples=4, seqlen=longest + 50, seed=0)
     b = get_calibration(path, tokenizer, nsamples=4, seqlen=longest + 50, seed=0)
     assert a.shape == (4, longest + 50) and torch.equal(a, b)

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from conftest import make_tiny_model
 
 import llmprune
-from llmprune.distributed import Collective, DistributedError
+from llmprune.engine.residency.distributed import Collective, DistributedError
 
 SETTINGS = {
     "sparsegpt-owl": dict(method="sparsegpt", sparsity=0.6, allocation="owl", owl_lambda=0.1),

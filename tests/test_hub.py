@@ -20,7 +20,7 @@ from conftest import make_tiny_model
 
 import llmprune
 from llmprune.checkpoint.hub import PushError, push
-from llmprune.saving import save_pruned
+from llmprune.checkpoint.save import save_pruned
 
 TOKEN = "hf_test_SECRET_token_0123456789"
 REPO = Path(__file__).resolve().parents[1]

@@ -15,10 +15,10 @@ from conftest import byte_tokenizer, make_tiny_model
 import llmprune
 from llmprune.api import prune_checkpoint
 from llmprune.config import PruneConfig
-from llmprune.data import LOCAL_DIR_RECORDED, describe_source, get_calibration, portable_settings
+from llmprune.calibration import LOCAL_DIR_RECORDED, describe_source, get_calibration, portable_settings
 from llmprune.evaluation.perplexity import DatasetError, dataset_perplexity, load_text
 from llmprune.evaluation.results import EvalResults, compare_table
-from llmprune.saving import REPORT_FILE, save_pruned
+from llmprune.checkpoint.save import REPORT_FILE, save_pruned
 
 TEXT = " ".join(
     f"Sentence {i} tells of the {w} fox that jumps over the lazy dog near river {i % 7}."

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def embedded():
-    from llmprune.models import load_model
+    from llmprune import load_model
 
     model, tok, _ = load_model(None)
     return model, tok

@@ -369,9 +369,9 @@ def test_lower_inverse_runs_scipy_openblas_on_one_thread():
     pytest.importorskip("threadpoolctl")
     from threadpoolctl import threadpool_info
 
-    from llmprune.pruners.sparsegpt import _scipy_blas_single_thread
+    from llmprune.runtime.blas import scipy_blas_single_thread
 
-    with _scipy_blas_single_thread()():
+    with scipy_blas_single_thread()():
         inside = [i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas"]
     assert inside and all(n == 1 for n in inside)
 

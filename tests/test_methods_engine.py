@@ -12,7 +12,7 @@ from conftest import ARCHS, make_tiny_model
 from test_engine import decoder_targets
 
 import llmprune
-from llmprune.saving import save_pruned
+from llmprune.checkpoint.save import save_pruned
 
 COMBOS = {
     "ria-60": dict(method="ria", sparsity=0.6),

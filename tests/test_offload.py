@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import llmprune.offload as offload
+import llmprune.engine.residency.offload as offload
 from llmprune.engine import find_decoder_layers
-from llmprune.offload import DiskOffloader
+from llmprune.engine.residency.offload import DiskOffloader
 
 
 class _FakeLibc:

@@ -15,11 +15,11 @@ import torch
 from test_stream import _save_tiny, _tensors
 
 from llmprune import PruneConfig, prune_checkpoint
-from llmprune.resume import PROGRESS_FILE, ResumeError, partial_folder
+from llmprune.engine.residency.resume import PROGRESS_FILE, ResumeError, partial_folder
 
 KILLER = """
 import os, signal, sys
-import llmprune.resume as resume
+import llmprune.engine.residency.resume as resume
 from llmprune import PruneConfig, prune_checkpoint
 
 kill_after = int(sys.argv[3])

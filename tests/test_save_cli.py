@@ -16,7 +16,8 @@ from torch import nn
 import llmprune
 from llmprune.cli import main
 from llmprune.config import PruneConfig
-from llmprune.saving import REPORT_FILE, OutputExistsError, save_pruned
+from llmprune.checkpoint.folder import REPORT_FILE, OutputExistsError
+from llmprune.checkpoint.save import save_pruned
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = " ".join(

@@ -11,7 +11,8 @@ from conftest import ARCH_CONFIGS, ARCHS, byte_tokenizer
 from safetensors import safe_open
 
 from llmprune import PruneConfig, prune_checkpoint
-from llmprune.stream import INDEX_FILE, ShardIndex, StreamingError, should_stream
+from llmprune.loading.shards import INDEX_FILE, ShardIndex, StreamingError
+from llmprune.pipeline.streaming import should_stream
 
 TIMINGS = ("seconds", "low_memory")
 
@@ -127,7 +128,7 @@ def test_pages_of_the_spilled_hidden_states_leave_memory_and_keep_their_data(tmp
 def test_streaming_casts_as_the_in_memory_path(arch, tmp_path, calib_text, monkeypatch):
     """A float32 checkpoint pruned in bfloat16: the layers and the parts outside them (copied to the output
     in blocks of rows, here 3 rows at a time) are cast alike."""
-    import llmprune.stream as stream
+    import llmprune.loading.shards as stream
 
     src = _save_tiny(arch, tmp_path / "src")
     (src / "calib.txt").write_text(calib_text)
@@ -144,7 +145,7 @@ def test_streaming_casts_as_the_in_memory_path(arch, tmp_path, calib_text, monke
 def test_shard_rows_are_the_rows_of_the_tensor(tmp_path, monkeypatch, dtype):
     from safetensors.torch import save_file
 
-    import llmprune.stream as stream
+    import llmprune.loading.shards as stream
 
     t = torch.randn(1000, 7).to(dtype)
     save_file({"w": t, "b": torch.arange(5)}, tmp_path / "model.safetensors")
@@ -158,7 +159,7 @@ def test_shard_rows_are_the_rows_of_the_tensor(tmp_path, monkeypatch, dtype):
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])  # an untied head; a tied one and learned positions
 def test_a_capture_reads_only_the_embedding_rows_it_looks_up(arch, tmp_path, calib_text, monkeypatch):
-    import llmprune.stream as stream
+    import llmprune.pipeline.streaming as stream
 
     src = _save_tiny(arch, tmp_path / "src")
     (src / "calib.txt").write_text(calib_text)
@@ -205,7 +206,7 @@ def test_streaming_with_an_observe_pass_and_sharded_input(tmp_path, calib_text, 
     (src / "calib.txt").write_text(calib_text)
     kw = dict(allocation="owl", owl_lambda=0.1, batch_size=2)  # 2 chunks
     ra = _run(src, tmp_path / "mem", False, **kw)
-    import llmprune.stream as stream
+    import llmprune.pipeline.streaming as stream
 
     resident = []  # decoder layers holding real weights whenever one is read: never more than that one
     real_acquire = stream.ShardStream.acquire
@@ -269,7 +270,7 @@ def test_converted_layouts_are_refused_with_the_fix(tmp_path, calib_text):
 
 
 def test_auto_streams_only_when_the_weights_do_not_fit(tmp_path, monkeypatch, caplog):
-    import llmprune.stream as stream
+    import llmprune.pipeline.streaming as stream
 
     src = _save_tiny("llama", tmp_path / "src")
     weights = ShardIndex(src).nbytes()
@@ -277,7 +278,7 @@ def test_auto_streams_only_when_the_weights_do_not_fit(tmp_path, monkeypatch, ca
     monkeypatch.setattr(stream, "available_memory", lambda: 100 * weights)
     assert not should_stream(cfg)
     monkeypatch.setattr(stream, "available_memory", lambda: weights)
-    with caplog.at_level("INFO", logger="llmprune.stream"):
+    with caplog.at_level("INFO", logger="llmprune.pipeline.streaming"):
         assert should_stream(cfg)
     assert "do not fit" in caplog.text
     assert not should_stream(PruneConfig.build(dict(model=str(src), low_memory=False)))
@@ -294,12 +295,12 @@ def test_streaming_refuses_what_needs_the_whole_model(tmp_path):
 
 
 def test_cli_low_memory(tmp_path, calib_text, monkeypatch):
-    import llmprune.stream
+    import llmprune.pipeline.streaming
     from llmprune import cli
     from llmprune.cli import main
 
     calls: list[str] = []
-    monkeypatch.setattr(llmprune.stream, "STREAM_HOOKS", [])
+    monkeypatch.setattr(llmprune.pipeline.streaming, "STREAM_HOOKS", [])
     monkeypatch.setattr(cli, "_heap_for_streaming", lambda: calls.append("heap"))  # the CLI's process setting
     src = _save_tiny("qwen2", tmp_path / "src")
     (src / "calib.txt").write_text(calib_text)

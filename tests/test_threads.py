@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llmprune import threads
-from llmprune.threads import KEEP, Observation, ThreadSettingError, decide, parse_override
+from llmprune.runtime import threads
+from llmprune.runtime.threads import KEEP, Observation, ThreadSettingError, decide, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,7 +194,7 @@ def test_api_import_changes_nothing():
     """Importing and using the library sets no thread variable; only the helper does."""
     code = ("import os, llmprune, llmprune.api; "
             "print(sorted(k for k in ('OMP_NUM_THREADS','OMP_WAIT_POLICY','MKL_NUM_THREADS') if k in os.environ)); "
-            "print(llmprune.apply_thread_policy is llmprune.threads.apply_thread_policy)")
+            "print(llmprune.apply_thread_policy is llmprune.runtime.threads.apply_thread_policy)")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
                                                              threads.ENV)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, check=True)

@@ -15,7 +15,7 @@ import torch
 from conftest import VOCAB, make_tiny_model
 
 import llmprune
-from llmprune.training import SparsityError, SparsityKeeper, merge_and_keep_sparsity, pack_keep, unpack_pruned
+from llmprune.recovery.keeper import SparsityError, SparsityKeeper, merge_and_keep_sparsity, pack_keep, unpack_pruned
 
 TESTS = Path(__file__).resolve().parent
 

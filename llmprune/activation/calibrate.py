@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..engine.capture import inference_state, module_device
+from ..engine.passes import _store_output
 from ..engine.targets import _is_conv1d, find_targets
 from .apply import ActivationThreshold, ThresholdSpec, _register, install
 from .criteria import CRITERIA, column_norms, gated_activations, reader_weights
@@ -229,8 +230,6 @@ class ActivationCalibration:
     def run(self, run) -> ActivationResult:
         """Calibrate every layer of ``run`` (a :class:`~llmprune.engine.SequentialRun`) and return the
         thresholds; the model is left without hooks (install them with :func:`.apply.install`)."""
-        from ..engine.passes import _store_output
-
         t0 = time.perf_counter()
         result = ActivationResult(self.criterion, self.allocation, self.sparsity,
                                   step=self.step if self.allocation == "greedy" else None)

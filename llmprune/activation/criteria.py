@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..engine.targets import Target
+
 CRITERIA = ("teal", "wina", "cats")
 
 
@@ -28,8 +30,6 @@ def reader_weights(module: nn.Module) -> torch.Tensor:
     """The weight through which ``module`` reads its input, as ``W [out, in]`` float32: a Linear's or
     GPT-2 Conv1D's weight, or every expert's ``gate_up`` of a fused-experts module stacked."""
     if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-        from ..engine.targets import Target
-
         return Target("", module).get_weight()
     W = module.gate_up_proj.detach().float()  # [E, 2I, H], or [E, H, 2I] transposed
     if getattr(module, "is_transposed", False) or (W.shape[1] != 2 * module.down_proj.shape[-1]

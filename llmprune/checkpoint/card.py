@@ -17,8 +17,10 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..evaluation.results import load_all
 from ..report import EVAL_FILE
-from .compressed import LAYOUT_KEY, read_config
+from .folder import REPORT_FILE
+from .format import LAYOUT_KEY, read_config
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,6 @@ _DATASETS = {  # how perplexity sources are named on the Hub, for model-index
 def recorded_model(folder: Path, meta: dict[str, Any]) -> str | None:
     """What the run loaded: ``llmprune_report.json``'s ``model`` (``embedded:...`` for the default),
     else the ``model`` setting; None for a model pruned in memory."""
-    from ..saving import REPORT_FILE
-
     path = folder / REPORT_FILE
     if path.is_file():
         try:
@@ -71,8 +71,6 @@ def _eval_results(folder: Path) -> tuple[Any, Any]:
     path = folder / EVAL_FILE
     if not path.is_file():
         return None, None
-    from ..evaluation.results import load_all
-
     results = load_all(path)
     pruned = next((r for r in results if r.pruning), results[-1])
     dense = next((r for r in results if not r.pruning and r is not pruned), None)

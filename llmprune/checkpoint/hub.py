@@ -20,8 +20,10 @@ from typing import Any
 
 from torch import nn
 
+from ..steps.eora import ADAPTER_CONFIG, retargeted_adapter_config
 from .card import CARD_FILE, build_card
-from .compressed import DENSE_WEIGHTS, layout_of
+from .format import DENSE_WEIGHTS, layout_of
+from .save import save
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +152,6 @@ def push(
         raise PushError(f"repo id {repo_id!r} is not OWNER/NAME (e.g. my-org/SmolLM2-135M-sparsegpt-2of4)")
     tmp: Path | None = None
     if isinstance(path_or_model, nn.Module):
-        from ..saving import save
-
         tmp = Path(tempfile.mkdtemp(prefix="llmprune-push-"))
         try:
             folder = save(path_or_model, tokenizer, tmp / "checkpoint", report)
@@ -166,8 +166,6 @@ def push(
         files = sorted(p for p in folder.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
                        and p.relative_to(folder).as_posix() != CARD_FILE)
-        from ..steps.eora import ADAPTER_CONFIG, retargeted_adapter_config
-
         ops = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
                for p in files if p.relative_to(folder).as_posix() != ADAPTER_CONFIG]
         adapter = retargeted_adapter_config(folder, repo_id)  # an EoRA adapter's base: this repo, not the dense source

@@ -24,7 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compressed import LAYOUT_KEY, CompressedFormatError, iter_decoded, layout_of
+from ..activation.apply import apply_from_config, use_sparse_decode
+from ..loading.models import DTYPES, ModelLoadError, load_pretrained, resolve_dtype
+from .compressed import decompress
+from .format import LAYOUT_KEY, CompressedFormatError, is_compressed, iter_decoded, layout_of
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,6 @@ def install_activation(model: nn.Module, metadata: dict, path: Path) -> None:
     """Install the activation-sparsity thresholds recorded under ``llmprune.activation``."""
     if not metadata.get("activation"):
         return
-    from ..activation.apply import apply_from_config  # a hard dependency: a missing module is an error
-
     apply_from_config(model)
 
 
@@ -54,8 +55,6 @@ def _resolve(dtype: str | torch.dtype | None) -> torch.dtype | str:
         return "auto"
     if isinstance(dtype, torch.dtype):
         return dtype
-    from ..models import DTYPES
-
     if dtype not in DTYPES:
         raise LoadError(f"dtype {dtype!r} is not supported; choose one of: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -139,7 +138,6 @@ def _load_via_dense_copy(folder: Path, dtype, trust_remote_code: bool) -> nn.Mod
     import shutil
     import tempfile
 
-    from .compressed import decompress
 
     log.info("%s: tensor names differ from the model's (converted on load); loading through a dense copy on disk",
              folder)
@@ -209,8 +207,6 @@ def load(
         for hook in LOAD_HOOKS:
             hook(model, metadata, folder)
     if sparse_decode:
-        from ..activation.apply import use_sparse_decode
-
         use_sparse_decode(model)
         if attn_implementation is None and (device is None or torch.device(device).type == "cpu"):
             attn_implementation = "eager"
@@ -232,3 +228,21 @@ def _set_attention(model: nn.Module, name: str) -> None:
         setter(name)
     except (ValueError, ImportError) as e:
         raise LoadError(f"attn_implementation={name!r} is not available for {type(model).__name__}: {e}") from e
+
+
+def load_model(model: str | None = None, dtype: str = "auto", trust_remote_code: bool = False,
+               allow_pickle: bool = False):
+    """``(model, tokenizer, source)`` on the CPU from a Hub id, a local folder (dense or llmprune's compressed
+    format) or, with ``model=None``, the embedded default SmolLM2-135M-Instruct; ``source`` is the resolved
+    path or Hub id. Use :func:`load` for a pruned checkpoint with everything it records installed (activation
+    thresholds, sparse decode); here only a compressed folder goes through it."""
+    from transformers import AutoTokenizer
+
+    local = Path(model).expanduser() if model is not None else None
+    if local is not None and local.is_dir() and (local / "config.json").is_file() and is_compressed(local):
+        try:  # llmprune's compressed sparse format: transformers cannot read it
+            m = load(local, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+        except LoadError as e:
+            raise ModelLoadError(str(e)) from e
+        return m, AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code), str(local)
+    return load_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)

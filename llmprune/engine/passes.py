@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..offload import _MADV_DONTNEED, _libc, madvise_pages
+from ..runtime.memory import _MADV_DONTNEED, _libc, madvise_pages
 from ..stats import InputStats
 from ..steps import ObservedModule
 from .capture import capture_layer_inputs, inference_state, module_device, resolve_device
@@ -43,6 +43,7 @@ from .layer import LayerReport, LayerWork, StopLayer, count_zeros
 from .lockstep import Lockstep, call_order, compute_chunk
 from .plan import PrunePlan
 from .residency import LayerResidency
+from .residency.distributed import Collective, DistributedError
 from .targets import find_decoder_layers, find_targets
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,6 @@ class SequentialRun:
         self.targets, self.ignore = targets, ignore
         self.progress = progress
         self.residency = residency
-        from ..distributed import Collective
-
         self.collective = Collective.current()  # None in one process
         if self.collective is not None:  # this rank's share of the calibration windows
             input_ids = self.collective.shard(input_ids)
@@ -134,8 +133,6 @@ class SequentialRun:
         )
         found = [find_targets(layer, "", targets, ignore) for layer in self.layers]
         if self.collective is not None and any(f.groups or f.skipped for f in found):
-            from ..distributed import DistributedError
-
             raise DistributedError("models with routed experts cannot be pruned by several processes yet (a rank's "
                                    "tokens may not reach every expert); run in one process")
         if not any(f.targets or f.groups for f in found):

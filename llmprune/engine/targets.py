@@ -320,3 +320,32 @@ def find_targets(
             if group is not None:
                 found.groups.append(group)
     return found
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers used for training: ``DistributedDataParallel``/``DataParallel`` (and
+    accelerate's and DeepSpeed's engines, which hold it as ``.module``), ``torch.compile``'s ``_orig_mod``
+    and PEFT's ``PeftModel`` (its base model, with the adapter layers still injected)."""
+    seen = 0
+    while seen < 16:  # wrappers nest a few levels at most; the bound stops a self-referencing wrapper
+        seen += 1
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
+            type(model).__name__ in ("DeepSpeedEngine", "PipelineEngine") and hasattr(model, "module")
+        ):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif callable(getattr(model, "get_base_model", None)) and type(model).__name__.startswith("Peft"):
+            model = model.get_base_model()
+        else:
+            return model
+    return model
+
+
+def tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """PEFT adapter layers (LoRA and the other tuners) inside ``model``; empty without peft."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]

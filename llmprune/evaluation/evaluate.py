@@ -8,21 +8,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import EvalConfig
-from ..models import effective_seqlen
-from .perplexity import dataset_perplexity
+from ..activation.apply import installed
+from ..calibration import resolve_data_dir
+from ..loading.models import effective_seqlen
+from .config import EvalConfig
+from .perplexity import PPL_DATASETS, DatasetError, _hub_offline, c4_unavailable, dataset_perplexity
 from .results import EvalResults
+from .tasks import check_tasks, resolve_task_source, run_tasks, task_manager
 
 log = logging.getLogger(__name__)
 
 
 def preflight(cfg: EvalConfig) -> None:
     """Fail before any long work on a perplexity file that does not exist or an unknown task."""
-    from .perplexity import PPL_DATASETS, DatasetError, _hub_offline, c4_unavailable
 
     if "c4" in cfg.ppl and _hub_offline():  # refused offline: fail before pruning, not after
-        from ..data import resolve_data_dir
-
         raise c4_unavailable(resolve_data_dir(cfg.data_dir))
     for ds in cfg.ppl:
         if ds not in PPL_DATASETS:
@@ -33,8 +33,6 @@ def preflight(cfg: EvalConfig) -> None:
             if not path.is_file():
                 raise DatasetError(f"perplexity file {ds!r} does not exist")
     if cfg.tasks:
-        from .tasks import check_tasks, resolve_task_source, task_manager
-
         source = resolve_task_source(cfg.tasks, cfg.data_dir, cfg.task_source)
         check_tasks(cfg.tasks, task_manager(source, cfg.include_path))
 
@@ -69,8 +67,6 @@ def evaluate(
         pruning = getattr(getattr(model, "config", None), "llmprune", None)
     results = EvalResults(model=str(name), settings={**cfg.model_dump(), "seqlen_used": seqlen},
                           pruning=pruning if isinstance(pruning, dict) else None)
-    from ..activation import installed
-
     thresholds = installed(model)  # activation sparsity: measured on every perplexity text
     for ds in cfg.ppl:
         t0 = time.perf_counter()
@@ -87,8 +83,6 @@ def evaluate(
         results.seconds[key] = time.perf_counter() - t0
         log.info("%s: perplexity %.4f (%d windows x %d tokens, %.1fs)", key, r.ppl, r.windows, r.seqlen, r.seconds)
     if cfg.tasks:
-        from .tasks import run_tasks
-
         metrics, stderr, protocol = run_tasks(
             model, tokenizer, cfg.tasks, num_fewshot=cfg.num_fewshot, limit=cfg.task_limit,
             batch_size=cfg.batch_size, include_path=cfg.include_path, data_dir=cfg.data_dir,

@@ -32,6 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..calibration import file_sha256, read_records, resolve_data_dir
+from ..loading.models import cache_dir
+
 log = logging.getLogger(__name__)
 
 PPL_DATASETS = ("wikitext2", "c4")
@@ -83,8 +86,6 @@ def wikitext2_test_text(data_dir: str | Path | None = None) -> str:
 
 
 def _read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
-    from ..data import read_records
-
     rows = read_records(path, error=DatasetError)
     try:
         return [r[field] for r in rows]
@@ -108,8 +109,6 @@ def c4_unavailable(root: Path | None, hub_error: Exception | None = None) -> Dat
 
 def load_text(name: str, data_dir: str | Path | None = None) -> TextSource:
     """The text of a perplexity dataset: ``wikitext2``, ``c4`` or a ``.txt``/``.jsonl``/``.json`` path."""
-    from ..data import file_sha256, resolve_data_dir
-
     root = resolve_data_dir(data_dir)  # --data-dir, else $LLMPRUNE_DATA_DIR; an error if it does not exist
     if name == "wikitext2":
         if root is not None and (root / "wikitext2" / "raw" / "wiki.test.raw").is_file():
@@ -175,8 +174,6 @@ def _tokenizer_key(tokenizer) -> str:
 
 def tokenize_once(tokenizer, text: str) -> torch.Tensor:
     """``tokenizer(text).input_ids [T]``, cached in memory and under ``$LLMPRUNE_CACHE/tokens``."""
-    from ..models import cache_dir
-
     key = (_tokenizer_key(tokenizer), hashlib.sha256(text.encode()).hexdigest()[:24])
     if key in _TOKEN_CACHE:
         return _TOKEN_CACHE[key]

@@ -18,6 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..calibration import portable_settings
+from ..report import library_versions
+from ..runtime.threads import applied
+
 SCHEMA = "llmprune.eval/1"
 LOWER_IS_BETTER = ("ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
@@ -29,8 +33,6 @@ def lower_is_better(key: str) -> bool:
 def eval_versions() -> dict[str, str]:
     import importlib.metadata as md
 
-    from ..report import library_versions
-
     out = library_versions()
     try:
         out["lm_eval"] = md.version("lm_eval")
@@ -40,8 +42,6 @@ def eval_versions() -> dict[str, str]:
 
 
 def _thread_policy() -> dict[str, Any] | None:
-    from ..threads import applied
-
     return applied()
 
 
@@ -63,8 +63,6 @@ class EvalResults:
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:
-        from ..data import portable_settings
-
         self.settings = portable_settings(self.settings)
         if isinstance(self.pruning, dict) and isinstance(self.pruning.get("config"), dict):
             self.pruning = {**self.pruning, "config": portable_settings(self.pruning["config"])}

@@ -42,6 +42,7 @@ import torch
 from ..masks import apply_mask_, invert, lowest_mask
 from ..stats import InputStats
 from ..registry import register_pruner
+from ..runtime.blas import scipy_blas_single_thread
 from .base import Pruner, PruneResult
 
 log = logging.getLogger(__name__)
@@ -84,22 +85,6 @@ def _combinations(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, t
 
 
 @functools.cache
-def _scipy_blas_single_thread() -> contextlib.AbstractContextManager:
-    """A context in which SciPy's OpenBLAS runs on the calling thread only.
-
-    Its worker threads busy-wait after each call, and on a machine whose cores torch's own
-    threads already use they steal those cores: every torch op for a while after a ``trtri``
-    ran several times slower (measured on the embedded model, 2 cores: the pruning work of a
-    SparseGPT run took 14.5 s with SciPy's two OpenBLAS threads, 8.0 s with one)."""
-    try:
-        from threadpoolctl import ThreadpoolController
-
-        ctl = ThreadpoolController().select(internal_api="openblas")
-    except Exception:  # pragma: no cover - threadpoolctl missing or unable to inspect the process
-        return contextlib.nullcontext
-    return functools.partial(ctl.limit, limits=1)
-
-
 def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
     """``L⁻¹`` of a lower-triangular ``L``: LAPACK's triangular inverse (``trtri``, a third of the
     flops of a triangular solve against the identity) on the CPU when SciPy has it, else a solve."""
@@ -110,7 +95,7 @@ def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
             lapack = None
         if lapack is not None:
             trtri = lapack.strtri if L.dtype == torch.float32 else lapack.dtrtri
-            with _scipy_blas_single_thread()():
+            with scipy_blas_single_thread()():
                 inv, info = trtri(L.numpy(), lower=1)  # the strict upper triangle is not referenced: stays 0
             if info == 0:
                 return torch.from_numpy(inv)  # [in, in]

@@ -1,0 +1,281 @@
+"""Progress saved after every pruned layer, and ``--resume`` from it after a crash.
+
+:func:`llmprune.prune_checkpoint` keeps a hidden folder beside the output, ``.<output>.partial``
+(no ``config.json`` at its top: it never looks like a checkpoint), and after each decoder layer
+saves there, in this order:
+
+1. the pruned layer's tensors, ``layer-<i>.safetensors`` (a streamed run wrote it already: it is the
+   layer's output shard);
+2. the next layer's inputs (every calibration chunk's hidden states), ``hidden-<i>.safetensors``, and
+   what the pruning plan gathered so far (RIA permutations, EoRA corrections), ``plan-<i>.safetensors``;
+3. ``progress.json``, replaced atomically (``os.replace``): the layers done, their reports, the
+   engine's call order, the routers skipped, the plan's records, the torch RNG state, and the
+   fingerprints that bind it to its run: the config (every field but ``low_memory``), the model (its
+   ``config.json`` and every shard's header, size and first and last MiB) and the calibration tokens.
+
+``progress.json`` is the commit point: a kill before it leaves the previous layer's progress intact.
+``--resume`` re-runs what is cheap and deterministic (loading, calibration, capture of the first
+layer's inputs, an observe pass such as OWL's), checks the fingerprints (a changed config, model or
+calibration is refused with a message), restores the pruned layers and the hidden states and goes on
+from the next layer: the checkpoint is the same, bit for bit, as an uninterrupted run's. The folder
+is removed once the output is complete. A streamed run may be resumed in memory and vice versa.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ...errors import ConfigError
+from ...steps import LowRank
+from ..layer import LayerReport, ModuleReport
+from .streaming import ShardStream
+
+if TYPE_CHECKING:
+    from ...config import PruneConfig
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"
+FORMAT = 1
+# fields that change how a run executes, never its result
+NOT_HASHED = ("low_memory", "execution")  # no bearing on the result
+_MIB = 2**20
+
+
+class ResumeError(ConfigError):
+    """Saved progress that does not belong to this run; the message says what differs and the fix."""
+
+
+def partial_folder(output: str | Path) -> Path:
+    """The hidden sibling of ``output`` where a run keeps its progress."""
+    out = Path(output).expanduser()
+    return out.parent / f".{out.name}.partial"
+
+
+def config_hash(config: PruneConfig) -> str:
+    d = {k: v for k, v in config.model_dump(mode="json").items() if k not in NOT_HASHED}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """sha256 of ``config.json`` and, for every safetensors file, its name, size, header (names, dtypes,
+    shapes, offsets) and its first and last MiB: cheap on a 100 GB model, and any re-export, changed
+    shape or retrained tensor at either end of a shard changes it."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    for shard in sorted(folder.glob("*.safetensors")):
+        size = shard.stat().st_size
+        h.update(f"{shard.name}:{size}".encode())
+        with open(shard, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f.read(n))
+            h.update(f.read(_MIB))
+            f.seek(max(size - _MIB, 8 + n))
+            h.update(f.read(_MIB))
+    return h.hexdigest()[:16]
+
+
+def tokens_hash(chunks: list[torch.Tensor]) -> str:
+    return hashlib.sha256(torch.cat(chunks).numpy().tobytes()).hexdigest()[:16]
+
+
+def _report_from(d: dict) -> LayerReport:
+    mods = [ModuleReport(**{**m, "shape": tuple(m["shape"])}) for m in d.pop("modules")]
+    return LayerReport(**d, modules=mods)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+class Progress:
+    """Layer residency wrapper: ``inner`` (a :class:`~llmprune.offload.DiskOffloader` or a
+    :class:`~llmprune.stream.ShardStream`) does the residency; this saves progress after every layer
+    (``layer_done``) and, when resuming, brings the engine to where the saved progress stopped (``restore``)."""
+
+    def __init__(self, inner: Any, folder: str | Path, config: PruneConfig, model_folder: str | Path | None,
+                 resume: bool):
+        self.inner = inner
+        self.folder = Path(folder)  # created with the first layer's progress (a streamed run's shards: before)
+        self.resume = resume
+        self.stamp = {"format": FORMAT, "config_sha256": config_hash(config),
+                      "model_sha256": model_fingerprint(model_folder) if model_folder is not None else None}
+        self.saved = self.load() if resume else None
+        if self.saved is not None:
+            self._check(self.saved, {k: v for k, v in self.stamp.items()})
+
+    def __getattr__(self, name: str) -> Any:  # acquire, release, set_aside, observed, fetch, paging_out
+        return getattr(self.__dict__["inner"], name)
+
+    # ---- reading ---------------------------------------------------------------------------
+    def load(self) -> dict | None:
+        path = self.folder / PROGRESS_FILE
+        if not path.is_file():
+            log.info("no saved progress in %s: starting from the first layer", self.folder)
+            return None
+        return json.loads(path.read_text())
+
+    @staticmethod
+    def _check(saved: dict, expected: dict) -> None:
+        what = {"format": "the progress format", "config_sha256": "the config",
+                "model_sha256": "the model", "tokens_sha256": "the calibration tokens"}
+        for key, value in expected.items():
+            if saved.get(key) != value:
+                raise ResumeError(
+                    f"cannot resume: {what[key]} differs from the interrupted run's ({key} {saved.get(key)} saved, "
+                    f"{value} now); rerun with the same settings and model, or pass --overwrite without --resume "
+                    "to start again"
+                )
+
+    @property
+    def layers_done(self) -> int:
+        return 0 if self.saved is None else int(self.saved["layers_done"])
+
+    # ---- engine hooks ----------------------------------------------------------------------
+    def restore(self, run, plan, hidden: list[torch.Tensor]) -> tuple[int, list[str] | None, list[LayerReport]]:
+        """``(start, order, reports)``: the pruned layers put back, ``hidden`` overwritten with the saved
+        inputs of layer ``start``, the plan's records and the RNG restored."""
+        self.stamp["tokens_sha256"] = tokens_hash(run.chunks)
+        if self.saved is None:
+            return 0, None, []
+        self._check(self.saved, {"tokens_sha256": self.stamp["tokens_sha256"]})
+        k = self.layers_done
+        for i in range(k):
+            self._restore_layer(run, i)
+        saved_hidden = _load_tensors(self.folder / f"hidden-{k - 1:06d}.safetensors")
+        for c in range(len(hidden)):
+            saved = saved_hidden[str(c)]
+            if hidden[c].shape == saved.shape and hidden[c].dtype == saved.dtype:
+                hidden[c].copy_(saved)  # into the run's buffer (one block, or the spill file)
+            else:
+                hidden[c] = saved
+        state = _load_tensors(self.folder / f"plan-{k - 1:06d}.safetensors")
+        plan.permutations.update({n[len("perm."):]: t for n, t in state.items() if n.startswith("perm.")})
+        for name, rec in self.saved["adapters"].items():
+            plan.adapters[name] = LowRank(A=state[f"A.{name}"], B=state[f"B.{name}"], **rec)
+        plan.nm_search.update(self.saved["nm_search"])
+        plan.uncompensated.update(self.saved["uncompensated"])
+        run.skipped.update(self.saved["skipped"])
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(self.saved["rng"])), dtype=torch.uint8))
+        log.info("resuming after layer %d of %d (progress in %s)", k - 1, len(run.layers), self.folder)
+        return k, self.saved["order"], [_report_from(dict(r)) for r in self.saved["reports"]]
+
+    def _restore_layer(self, run, i: int) -> None:
+        path = self.folder / f"layer-{i:06d}.safetensors"
+        layer = run.layers[i]
+        if isinstance(self.inner, ShardStream):  # the layer's output shard is already written
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                names = list(f.keys())
+            self.inner.shards[path.name] = names
+            self.inner.bytes += path.stat().st_size
+            return
+        values = _load_tensors(path)
+        prefix = f"{run.layers_name}.{i}."
+        self.inner.acquire(i, layer)
+        for name, p in layer.state_dict(keep_vars=True).items():
+            p.data.copy_(values[prefix + name])
+        self.inner.release(i, layer)
+
+    def layer_done(self, run, plan, i: int, hidden: list[torch.Tensor], order: list[str] | None,
+                   reports: list[LayerReport]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"layer-{i:06d}.safetensors"
+        if not isinstance(self.inner, ShardStream):  # in memory: the layer's tensors (a streamed run wrote its shard)
+            prefix = f"{run.layers_name}.{i}."
+            _save_tensors({prefix + k: v for k, v in run.layers[i].state_dict().items()}, path)
+            observed = getattr(self.inner, "observed", None)
+            if observed is not None:  # read, not changed: the disk offloader hands the pages back
+                observed(i, run.layers[i])
+        _save_tensors({str(c): h for c, h in enumerate(hidden)}, self.folder / f"hidden-{i:06d}.safetensors")
+        tensors = {f"perm.{n}": t for n, t in plan.permutations.items()}
+        for name, lr in plan.adapters.items():
+            tensors[f"A.{name}"], tensors[f"B.{name}"] = lr.A, lr.B
+        _save_tensors(tensors, self.folder / f"plan-{i:06d}.safetensors")
+        adapters = {n: {f.name: getattr(lr, f.name) for f in dataclasses.fields(lr) if f.name not in ("A", "B")}
+                    for n, lr in plan.adapters.items()}
+        progress = {
+            **self.stamp, "layers_done": i + 1, "layers": len(run.layers), "order": order,
+            "reports": [dataclasses.asdict(r) for r in reports], "skipped": dict(run.skipped),
+            "nm_search": dict(plan.nm_search), "uncompensated": dict(plan.uncompensated), "adapters": adapters,
+            "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        }
+        _write_json(self.folder / PROGRESS_FILE, progress)
+        for stale in (f"hidden-{i - 1:06d}.safetensors", f"plan-{i - 1:06d}.safetensors"):
+            (self.folder / stale).unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """The output is complete: the progress is no longer needed."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def failed(self) -> None:
+        """The run stopped with an error: its progress stays for ``--resume``, unless there is none."""
+        if not (self.folder / PROGRESS_FILE).is_file():
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def source_folder(source: str | Path) -> Path | None:
+    """The local folder of a loaded model's ``source``: itself, or its Hub snapshot in the cache."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(source), "config.json")
+    except Exception:  # not a repo id
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def check_partial(output: str | Path, resume: bool, overwrite: bool) -> Path:
+    """The progress folder of ``output``; an interrupted run's progress is never discarded silently."""
+    folder = partial_folder(output)
+    if folder.exists() and not (folder / PROGRESS_FILE).is_file():  # killed before its first layer: nothing to keep
+        shutil.rmtree(folder, ignore_errors=True)
+    if folder.exists() and not resume:
+        done = None
+        try:
+            done = json.loads((folder / PROGRESS_FILE).read_text())["layers_done"]
+        except (OSError, ValueError, KeyError):
+            pass
+        if not overwrite:
+            raise ResumeError(
+                f"an interrupted run left its progress in {str(folder)!r}"
+                + (f" ({done} layer(s) pruned)" if done is not None else "")
+                + "; pass --resume to continue it, or --overwrite to start again"
+            )
+        log.info("discarding the progress of an interrupted run in %s (--overwrite)", folder)
+        shutil.rmtree(folder)
+    return folder
+

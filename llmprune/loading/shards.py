@@ -1,0 +1,214 @@
+"""A safetensors checkpoint read tensor by tensor, without loading the model: where each tensor lies
+(``model.safetensors`` or an index of shards), its header, rows or blocks of rows, and the helpers that
+set a read tensor into a module the way ``from_pretrained`` would. Used by streaming
+(:mod:`llmprune.engine.residency.streaming`) and by the pipeline's decision to stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .models import ModelLoadError, embedded_model_path
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# what a Hub snapshot needs for streaming: the shards, config/index/tokenizer JSON, tokenizer models
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"]
+ROW_BLOCK_BYTES = 8 << 20  # ShardIndex.get_rows reads at most this much at a time
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class StreamingError(ConfigError):
+    """The checkpoint or the config cannot be pruned by streaming; the message says why and what to do."""
+
+
+
+def resolve_folder(model: str | None, trust_remote_code: bool = False) -> Path:
+    """The local folder of ``model``: the embedded default's cached folder, a local folder, or a Hub
+    snapshot of only the shards, JSON files and tokenizer files (downloaded, not loaded)."""
+    if model is None:
+        return embedded_model_path()
+    local = Path(model).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"folder {model!r} has no config.json; is it a Hugging Face checkpoint folder?")
+        return local
+    if local.exists() or model.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model {model!r} is not a folder; give a Hub id or a folder with config.json")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, unknown repo: all say the same to the user
+        raise ModelLoadError(f"could not download {model!r} from the Hub ({type(e).__name__}: {e}); check the id, "
+                             "or pass a local folder") from e
+
+
+class ShardIndex:
+    """Where each tensor of a safetensors checkpoint lies: ``model.safetensors`` or an index of shards."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        if (folder / INDEX_FILE).is_file():
+            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        elif (folder / SINGLE_FILE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(folder / SINGLE_FILE, "pt") as f:
+                weight_map = {k: SINGLE_FILE for k in f.keys()}
+        else:
+            raise StreamingError(f"{str(folder)!r} has no {SINGLE_FILE} nor {INDEX_FILE}; streaming reads "
+                                 "safetensors checkpoints only (run without --low-memory)")
+        self.weight_map: dict[str, str] = weight_map
+        self._headers: dict[str, tuple[int, dict]] = {}
+
+    def _header(self, shard: str) -> tuple[int, dict]:
+        """``(offset of the data, header)`` of a shard file, read once."""
+        if shard not in self._headers:
+            with open(self.folder / shard, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                self._headers[shard] = (8 + n, json.loads(f.read(n)))
+        return self._headers[shard]
+
+    def _read(self, name: str, first: int | None = None, last: int | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[first, last)`` of tensor ``name`` (the whole tensor when not given), as stored, into
+        ``out`` (a fresh tensor when None), with plain reads: a memory map would keep the pages read
+        resident in this process (its peak memory would grow by a layer per layer), the page cache does
+        not count."""
+        import math
+
+        shard = self.weight_map[name]
+        start, header = self._header(shard)
+        meta = header[name]
+        shape = meta["shape"]
+        if first is not None:
+            shape = [last - first, *shape[1:]]
+            start += first * math.prod(shape[1:]) * _DTYPES[meta["dtype"]].itemsize
+        if out is None:
+            out = torch.empty(shape, dtype=_DTYPES[meta["dtype"]])  # [as stored]
+        with open(self.folder / shard, "rb") as f:
+            f.seek(start + meta["data_offsets"][0])
+            n = f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
+        if n != out.numel() * out.element_size():
+            raise StreamingError(f"{shard} ends inside tensor {name!r}: the file is truncated; download or copy it "
+                                 "again")
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name``: a fresh CPU tensor, as stored (see :meth:`_read`)."""
+        return self._read(name)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor ``name``, from its shard's header (nothing read)."""
+        return _DTYPES[self._header(self.weight_map[name])[1][name]["dtype"]]
+
+    def _block_rows(self, name: str) -> int:
+        """How many rows of tensor ``name`` fit in ``ROW_BLOCK_BYTES`` (at least one, at most all)."""
+        import math
+
+        shape = self._header(self.weight_map[name])[1][name]["shape"]
+        row_bytes = math.prod(shape[1:]) * self.dtype_of(name).itemsize
+        return max(1, min(shape[0], ROW_BLOCK_BYTES // max(row_bytes, 1)))
+
+    def row_blocks(self, name: str) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` as stored, in consecutive blocks of rows of at most ``ROW_BLOCK_BYTES``."""
+        shape = self._header(self.weight_map[name])[1][name]["shape"]
+        if not shape:
+            yield self.get(name)
+            return
+        block = self._block_rows(name)
+        for r0 in range(0, shape[0], block):
+            yield self._read(name, r0, min(r0 + block, shape[0]))
+
+    def get_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows ``rows`` (sorted, distinct) of tensor ``name`` ``[R, ...]``, as stored, read in blocks of at
+        most ``ROW_BLOCK_BYTES`` from the first row still wanted: ``[len(rows), ...]``."""
+        import bisect
+
+        shape = self._header(self.weight_map[name])[1][name]["shape"]
+        block = self._block_rows(name)
+        out = torch.empty((len(rows), *shape[1:]), dtype=self.dtype_of(name))  # [len(rows), ...]
+        buf = torch.empty((block, *shape[1:]), dtype=out.dtype)  # [block, ...]
+        k = 0
+        while k < len(rows):
+            first = rows[k]
+            last = min(first + block, shape[0])
+            j = bisect.bisect_left(rows, last, k)
+            part = self._read(name, first, last, buf[: last - first])
+            out[k:j] = part[torch.tensor(rows[k:j]) - first]
+            k = j
+        return out
+
+    def nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of all tensors, from the shard headers (nothing read); floating tensors counted in ``dtype``
+        when given (the storage dtype they will be loaded in)."""
+        import math
+
+        total = 0
+        for shard in sorted(set(self.weight_map.values())):
+            with open(self.folder / shard, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            for k, v in header.items():
+                if k == "__metadata__":
+                    continue
+                stored = v["data_offsets"][1] - v["data_offsets"][0]
+                floating = v["dtype"] in ("F64", "F32", "F16", "BF16")
+                total += math.prod(v["shape"]) * dtype.itemsize if dtype is not None and floating else stored
+        return total
+
+    def close(self) -> None:
+        self._headers.clear()
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Point parameter or buffer ``name`` of ``root`` at ``value`` (a parameter stays a parameter)."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = root.get_submodule(mod_name) if mod_name else root
+    if attr in mod._parameters:
+        old = mod._parameters[attr]
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+    else:
+        mod._buffers[attr] = value
+
+
+def _as_loaded(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor as ``from_pretrained`` loads it in ``dtype``: floating tensors cast, others as stored."""
+    return value.to(dtype) if value.is_floating_point() else value
+
+
+def _set_tied(root: nn.Module, names: list[str], value: torch.Tensor) -> None:
+    """Point every one of ``names`` (one tensor, tied) at ``value``: one Parameter object for all of them."""
+    def slot(name: str) -> tuple[dict, str]:
+        mod_name, _, attr = name.rpartition(".")
+        mod = root.get_submodule(mod_name) if mod_name else root
+        return (mod._parameters if attr in mod._parameters else mod._buffers), attr
+
+    _set_tensor(root, names[0], value)
+    table, attr = slot(names[0])
+    for name in names[1:]:
+        other, other_attr = slot(name)
+        other[other_attr] = table[attr]
+
+
+def _persistent_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers of ``module`` (what ``state_dict`` holds), by name, shared ones once."""
+    seen = set()
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield name, t
