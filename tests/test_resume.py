@@ -15,7 +15,8 @@ import torch
 from test_stream import _save_tiny, _tensors
 
 from llmprune import PruneConfig, prune_checkpoint
-from llmprune.engine.residency.resume import PROGRESS_FILE, ResumeError, partial_folder
+from llmprune.engine.residency.resume import (PROGRESS_FILE, ResumeError, describe_partial, leftovers,
+                                              partial_folder)
 
 KILLER = """
 import os, signal, sys
@@ -89,8 +90,9 @@ def test_killed_run_resumes_to_the_uninterrupted_checkpoint(src, tmp_path, kille
 def test_resume_refuses_another_config_or_model(src, tmp_path):
     out = tmp_path / "out"
     _kill_after(src, out, 0)
-    with pytest.raises(ResumeError, match="the config differs"):
-        prune_checkpoint(_config(src, sparsity=0.6), out, progress=False, resume=True)
+    with pytest.raises(ResumeError, match="the config differs") as e:
+        prune_checkpoint(_config(src, sparsity=0.6, seed=3), out, progress=False, resume=True)
+    assert "seed 0 then, 3 now" in str(e.value) and "sparsity 0.5 then, 0.6 now" in str(e.value)  # named
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src)
@@ -100,8 +102,16 @@ def test_resume_refuses_another_config_or_model(src, tmp_path):
     with pytest.raises(ResumeError, match="the model differs"):
         prune_checkpoint(_config(src), out, progress=False, resume=True)
     assert partial_folder(out).exists()  # still there for a resume with the right settings
+    described = describe_partial(out)
+    assert "1 pruned layer(s)" in described and "--resume" in described and "--overwrite" in described
+    killed = [tmp_path / ".out.offload-abc123", tmp_path / ".out.tmp-def456"]  # what a SIGKILL leaves
+    for folder in killed:
+        folder.mkdir()
+        (folder / "layer.bin").write_bytes(b"x" * 1000)
+    assert set(killed) <= set(leftovers(out))  # beside the offload folder the SIGKILLed run itself left
     prune_checkpoint(_config(src), out, progress=False, overwrite=True)  # --overwrite starts again
     assert out.is_dir() and not partial_folder(out).exists()
+    assert leftovers(out) == [] and describe_partial(out) is None  # every leftover removed
 
 
 def test_resume_without_progress_starts_from_the_first_layer(src, tmp_path):

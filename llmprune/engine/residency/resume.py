@@ -62,9 +62,20 @@ def partial_folder(output: str | Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
+def hashed_settings(config: PruneConfig) -> dict[str, Any]:
+    """The settings that bind saved progress to its run: every field but those with no bearing on the result."""
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in NOT_HASHED}
+
+
 def config_hash(config: PruneConfig) -> str:
-    d = {k: v for k, v in config.model_dump(mode="json").items() if k not in NOT_HASHED}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(hashed_settings(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def settings_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``["sparsity 0.5 then, 0.6 now", ...]``: the settings that differ between two runs."""
+    return [f"{k} {saved.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+            if json.dumps(saved.get(k), sort_keys=True, default=str) != json.dumps(now.get(k), sort_keys=True,
+                                                                                  default=str)]
 
 
 def model_fingerprint(folder: str | Path) -> str:
@@ -129,9 +140,10 @@ class Progress:
         self.resume = resume
         self.stamp = {"format": FORMAT, "config_sha256": config_hash(config),
                       "model_sha256": model_fingerprint(model_folder) if model_folder is not None else None}
+        self.settings = hashed_settings(config)  # saved beside the hash, so a refusal can name what differs
         self.saved = self.load() if resume else None
         if self.saved is not None:
-            self._check(self.saved, {k: v for k, v in self.stamp.items()})
+            self._check(self.saved, self.stamp, self.settings)
 
     def __getattr__(self, name: str) -> Any:  # acquire, release, set_aside, observed, fetch, paging_out
         return getattr(self.__dict__["inner"], name)
@@ -145,15 +157,17 @@ class Progress:
         return json.loads(path.read_text())
 
     @staticmethod
-    def _check(saved: dict, expected: dict) -> None:
+    def _check(saved: dict, expected: dict, settings: dict | None = None) -> None:
         what = {"format": "the progress format", "config_sha256": "the config",
                 "model_sha256": "the model", "tokens_sha256": "the calibration tokens"}
         for key, value in expected.items():
             if saved.get(key) != value:
+                differs = (settings_diff(saved["settings"], settings)
+                           if key == "config_sha256" and settings is not None and "settings" in saved else [])
+                detail = f": {'; '.join(differs)}" if differs else f" ({key} {saved.get(key)} saved, {value} now)"
                 raise ResumeError(
-                    f"cannot resume: {what[key]} differs from the interrupted run's ({key} {saved.get(key)} saved, "
-                    f"{value} now); rerun with the same settings and model, or pass --overwrite without --resume "
-                    "to start again"
+                    f"cannot resume: {what[key]} differs from the interrupted run's{detail}; rerun with the same "
+                    "settings and model, or pass --overwrite without --resume to start again"
                 )
 
     @property
@@ -225,7 +239,7 @@ class Progress:
         adapters = {n: {f.name: getattr(lr, f.name) for f in dataclasses.fields(lr) if f.name not in ("A", "B")}
                     for n, lr in plan.adapters.items()}
         progress = {
-            **self.stamp, "layers_done": i + 1, "layers": len(run.layers), "order": order,
+            **self.stamp, "settings": self.settings, "layers_done": i + 1, "layers": len(run.layers), "order": order,
             "reports": [dataclasses.asdict(r) for r in reports], "skipped": dict(run.skipped),
             "nm_search": dict(plan.nm_search), "uncompensated": dict(plan.uncompensated), "adapters": adapters,
             "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
@@ -258,11 +272,49 @@ def source_folder(source: str | Path) -> Path | None:
     return Path(cached).parent if isinstance(cached, str) else None
 
 
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def leftovers(output: str | Path) -> list[Path]:
+    """Scratch folders an interrupted writer of ``output`` may leave beside it: the disk offload
+    (``.NAME.offload-*``), a staging folder (``.NAME.tmp-*``) and a replaced output not yet removed
+    (``.NAME.old-*``). A run removes its own as it stops, unless it was killed (SIGKILL, power loss)."""
+    out = Path(output).expanduser()
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for kind in ("offload", "tmp", "old") for p in out.parent.glob(f".{out.name}.{kind}-*")
+                  if p.is_dir())
+
+
+def describe_partial(output: str | Path) -> str | None:
+    """One line on the progress an interrupted run kept for ``--resume``, or None when it kept none."""
+    folder = partial_folder(output)
+    if not (folder / PROGRESS_FILE).is_file():
+        return None
+    try:
+        done = json.loads((folder / PROGRESS_FILE).read_text())["layers_done"]
+    except (OSError, ValueError, KeyError):
+        done = "?"
+    return (f"the progress of {done} pruned layer(s) is kept in {str(folder)!r} ({_size(folder) / 2**20:.0f} MB): "
+            "run the same command with --resume to continue, or with --overwrite to start again (which removes it)")
+
+
 def check_partial(output: str | Path, resume: bool, overwrite: bool) -> Path:
-    """The progress folder of ``output``; an interrupted run's progress is never discarded silently."""
+    """The progress folder of ``output``; an interrupted run's progress is never discarded silently.
+    ``overwrite`` also removes the scratch folders a killed run left (:func:`leftovers`)."""
     folder = partial_folder(output)
     if folder.exists() and not (folder / PROGRESS_FILE).is_file():  # killed before its first layer: nothing to keep
         shutil.rmtree(folder, ignore_errors=True)
+    stale = leftovers(output)
+    if stale and overwrite:
+        log.info("removing %d folder(s) a killed run left beside the output (--overwrite): %s", len(stale),
+                 ", ".join(p.name for p in stale))
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+    elif stale:
+        log.warning("a killed run left %d scratch folder(s) beside the output (%.0f MB): %s; --overwrite removes them",
+                    len(stale), sum(map(_size, stale)) / 2**20, ", ".join(p.name for p in stale))
     if folder.exists() and not resume:
         done = None
         try:
@@ -272,10 +324,9 @@ def check_partial(output: str | Path, resume: bool, overwrite: bool) -> Path:
         if not overwrite:
             raise ResumeError(
                 f"an interrupted run left its progress in {str(folder)!r}"
-                + (f" ({done} layer(s) pruned)" if done is not None else "")
+                + (f" ({done} layer(s) pruned, {_size(folder) / 2**20:.0f} MB)" if done is not None else "")
                 + "; pass --resume to continue it, or --overwrite to start again"
             )
         log.info("discarding the progress of an interrupted run in %s (--overwrite)", folder)
         shutil.rmtree(folder)
     return folder
-
