@@ -214,6 +214,27 @@ def test_cli_eval_and_compare(tiny_llama_dir, tmp_path, capsys):
     assert len(load_all(cmp)) == 2 and cmp.with_suffix(".png").is_file()
 
 
+def test_cli_compare_of_one_pruned_model_is_against_the_model_it_was_pruned_from(tiny_llama_dir, tmp_path,
+                                                                                   capsys):
+    txt = tmp_path / "doc.txt"
+    txt.write_text(TEXT * 3)
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tiny_llama_dir), "--method", "magnitude", "--device", "cpu", "--output", str(out),
+                 "-q"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--compare", str(out), "--ppl", str(txt), "--seqlen", "64", "--max-windows", "1",
+                 "--device", "cpu", "--output", str(tmp_path / "cmp.json"), "-q"]) == 0
+    labels = [r.model for r in load_all(tmp_path / "cmp.json")]
+    assert labels == [str(tiny_llama_dir), str(out)]  # the dense source first, not the pruned model twice
+    (out / "llmprune_report.json").unlink()  # nothing recorded: the dense model must be named
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["llmprune"]["config"].pop("model", None)
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert main(["eval", "--compare", str(out), "--ppl", str(txt), "--device", "cpu", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "records no dense model" in err and "'embedded' names the embedded" in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "piqaa"], "unknown task 'piqaa' (did you mean: piqa"),
     (["--ppl", "wikitxt"], "unknown perplexity dataset 'wikitxt'"),

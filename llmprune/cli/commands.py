@@ -9,7 +9,9 @@ from pathlib import Path
 from ..activation.apply import apply_from_config, installed
 from ..api import prune_checkpoint
 from ..checkpoint import compress, decompress, push
+from ..checkpoint.card import base_model_of, recorded_model
 from ..checkpoint.folder import OutputExistsError
+from ..checkpoint.format import read_config
 from ..checkpoint.hub import PushError
 from ..checkpoint.load import LoadError, load_model
 from ..config import PruneConfig, recipe_summaries
@@ -17,7 +19,7 @@ from ..engine.capture import resolve_device
 from ..errors import ConfigError
 from ..evaluation import compare_chart, compare_table, evaluate, save_all
 from ..evaluation.evaluate import preflight
-from ..loading.models import ModelLoadError
+from ..loading.models import EMBEDDED, ModelLoadError
 from ..pipeline import streaming
 from .parser import config_from_args, eval_config_from_args
 
@@ -46,9 +48,11 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     cfg = eval_config_from_args(ns)
     if cfg.empty:
         raise ConfigError("nothing to evaluate; give --ppl (e.g. wikitext2) and/or --tasks (e.g. piqa)")
-    models = ns.models or [None]
+    models = [None if m == EMBEDDED else m for m in ns.models] or [None]
     if len(models) > 1 and not ns.compare:
         raise ConfigError(f"{len(models)} models given; pass --compare to evaluate several models against the first")
+    if ns.compare and len(models) == 1:
+        models = [dense_model_of(models[0]), models[0]]
     load = PruneConfig.build({k: getattr(ns, k) for k in ("device", "dtype", "trust_remote_code", "allow_pickle")
                               if hasattr(ns, k)}, source="command line")
     preflight(cfg)  # unknown task or dataset: fail before loading anything
@@ -60,7 +64,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         if installed(model) is None:  # activation thresholds the checkpoint records, as llmprune.load installs them
             apply_from_config(model)
         model.to(device)
-        label = name or f"embedded:{source}"
+        label = name or f"{EMBEDDED}:{source}"
         r = evaluate(model, tokenizer, cfg, progress=not ns.quiet, model_name=label)
         results.append(r)
         print(f"\n## {label}\n")
@@ -81,6 +85,23 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     if ns.output:
         print(f"results: {ns.output}")
     return 0
+
+
+def dense_model_of(pruned: str | None) -> str | None:
+    """The model a pruned checkpoint was pruned from, as its report records it (None: the embedded default),
+    for ``eval --compare PRUNED``; an error that asks for it when it is not recorded or not loadable."""
+    folder = Path(pruned).expanduser() if pruned is not None else None
+    recorded = None
+    if folder is not None and folder.is_dir():
+        recorded = recorded_model(folder, (read_config(folder).get("llmprune") or {}) if (folder / "config.json")
+                                  .is_file() else {})
+    if recorded is not None and recorded.startswith(f"{EMBEDDED}:"):
+        return None
+    if recorded is not None and (base_model_of(recorded) or Path(recorded).expanduser().is_dir()):
+        return recorded
+    raise ConfigError(f"--compare evaluates every MODEL against the first, and {pruned or EMBEDDED!r} records no "
+                      f"dense model to compare with; name it first, e.g. `llmprune eval --compare DENSE "
+                      f"{pruned or ''}` ({EMBEDDED!r} names the embedded SmolLM2-135M-Instruct)")
 
 
 def cmd_recipes(ns: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+EMBEDDED = "embedded"  # how the CLI names the embedded default where a model is expected (eval --compare)
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
