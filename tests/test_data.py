@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmprune import calibration as data
+from llmprune.calibration import hf as hf_source
 from llmprune.calibration import CalibrationError, describe_source, get_calibration, resolve_data_dir
 
 BOS, EOS, PAD = 0, 1, 2
@@ -50,7 +50,7 @@ def hub_offline(monkeypatch):
     def unreachable(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)")
 
-    monkeypatch.setattr(data, "_load_hub_dataset", unreachable)
+    monkeypatch.setattr(hf_source, "load_hub_dataset", unreachable)
     monkeypatch.delenv("LLMPRUNE_DATA_DIR", raising=False)
 
 
@@ -169,7 +169,7 @@ def test_c4_from_hub_loader(tokenizer, monkeypatch):
         seen["args"], seen["kwargs"] = args, kwargs
         return datasets.Dataset.from_dict({"text": DOCS})
 
-    monkeypatch.setattr(data, "_load_hub_dataset", fake_hub)
+    monkeypatch.setattr(hf_source, "load_hub_dataset", fake_hub)
     monkeypatch.delenv("LLMPRUNE_DATA_DIR", raising=False)
     out = get_calibration("c4", tokenizer, nsamples=2, seqlen=20)
     assert out.shape == (2, 20)
@@ -268,7 +268,7 @@ def test_hf_dataset_spec(tokenizer, monkeypatch):
         seen.setdefault("calls", []).append((args, kwargs))
         return datasets.Dataset.from_dict({"content": DOCS})
 
-    monkeypatch.setattr(data, "_load_hub_dataset", fake_hub)
+    monkeypatch.setattr(hf_source, "load_hub_dataset", fake_hub)
     out = get_calibration("org/corpus:en:validation", tokenizer, 3, 16, text_field="content")
     assert out.shape == (3, 16)
     get_calibration("org/corpus", tokenizer, 1, 16, text_field="content")
