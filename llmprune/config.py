@@ -15,47 +15,28 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from . import pruners, steps  # noqa: F401 - every built-in method registered, with its options
+from .activation.options import ActivationOptions
 from .errors import ConfigError
 from .evaluation.config import EvalConfig
 from .evaluation.perplexity import PPL_DATASETS
 from .masks import parse_pattern
-from .pruners.sparsegpt import SparseGPT
+from .pruners.alps import ALPSOptions
+from .pruners.ria import RIAOptions
+from .pruners.sparsegpt import SparseGPTOptions
+from .recipe_files import read_recipe, recipe_path, recipe_summaries
 from .registry import _TABLES, lookup
-from .settings import Settings, split_list
+from .settings import Settings, check_regex, split_list
+from .steps.admm import ADMMOptions
+from .steps.dsnot import DSnoTOptions
+from .steps.eora import EoRAOptions
+from .steps.owl import OWLOptions
 
-__all__ = ["ConfigError", "EvalConfig", "PruneConfig", "parse_pattern"]
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.1 without base-60 integers, so an unquoted ``pattern: 2:4`` stays the string '2:4'."""
+__all__ = ["ConfigError", "EvalConfig", "PruneConfig", "parse_pattern", "recipe_path", "recipe_summaries"]
 
 
-_RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0o?[0-7_]+)$"), list("-+0123456789")
-)
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
-               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."),
-)
-
-
-
-
-
-
-
-
-
-class PruneConfig(Settings):
-    """What to prune, how, and with which calibration data."""
+class _Core(Settings):
+    """The fields that open every config: what to prune, with which calibration data, on which model and
+    device. Kept apart from :class:`PruneConfig`'s own fields only so that they come first (see there)."""
 
     model: str | None = Field(
         None, description="Hub id or local folder; None prunes the embedded default SmolLM2-135M-Instruct."
@@ -131,136 +112,18 @@ class PruneConfig(Settings):
         "layer read when reached and written to the output shards once pruned): peak memory about the "
         "embeddings plus two layers. None: chosen automatically when the weights do not fit in free memory.",
     )
-    # SparseGPT
-    blocksize: int = Field(128, ge=1, description="SparseGPT: columns per lazy-update block.")
-    damp: float = Field(
-        0.01, gt=0, lt=1, description="SparseGPT, ALPS, ADMM reconstruction, EoRA: Hessian damping as a fraction of "
-        "its mean diagonal."
-    )
-    act_order: bool | None = Field(
-        None,
-        description="SparseGPT: visit input columns (whole N:M groups) by decreasing Hessian diagonal, as GPTQ's "
-        "act-order. None: on for N:M patterns, off for unstructured (whose blocks each get the same sparsity).",
-    )
-    nm_exact: bool | Literal["auto"] = Field(
-        "auto",
-        description="SparseGPT N:M: which M-N weights of each group to prune. true: the set with the least exact "
-        "OBS loss, every C(M, M-N) set scored (refused above 100,000 sets); auto: exact up to 70 sets (every "
-        "M <= 8), beyond that greedy on the same loss, one weight at a time; false: the reference's one-by-one "
-        "saliency w^2 / [H^-1]_jj^2.",
-    )
-    # RIA (method: ria)
-    ria_alpha: float = Field(
-        0.5, ge=0, description="RIA: exponent a on the input-activation norm ‖X_j‖₂ in the score (0: relative "
-        "importance only).",
-    )
-    ria_permute: bool = Field(
-        True, description="RIA N:M: reorder input channels so the N:M groups keep the most score (heuristic "
-        "allocation + linear-sum assignment); the weight is saved in the original order.",
-    )
-    ria_lsa_rounds: int = Field(
-        1, ge=0, description="RIA N:M permutation: sweeps of linear-sum-assignment refinement over the M positions "
-        "of a group (0: heuristic allocation only; the reference sweeps once).",
-    )
-    ria_lsa_blocks: int = Field(
-        1, ge=1, description="RIA N:M permutation: solve the assignment within this many contiguous blocks of "
-        "channels (faster, slightly worse; the reference's --fast uses 4/8/16).",
-    )
-    # DSnoT (refine: dsnot)
-    dsnot_cycles: int = Field(
-        50, ge=0, description="DSnoT: at most this many grow-and-prune swaps per output row (the reference's "
-        "max_cycle_time).",
-    )
-    dsnot_threshold: float = Field(
-        0.1 / 2048, ge=0, description="DSnoT: stop a row once |Σ_j (W - Ŵ)_ij E[x_j]| is at most this, per token "
-        "(the reference's update_threshold 0.1 on sums over 2048-token sequences, made independent of seqlen).",
-    )
-    dsnot_var_power: float = Field(
-        1.0, ge=0, description="DSnoT: the growing score is W·E[x] / Var[x]^p; 0 disables the variance term.",
-    )
-    dsnot_same_sign: bool | None = Field(
-        None, description="DSnoT: refuse a swap that flips the sign of the row's error; unset: as the reference "
-        "(off for unstructured, on for N:M).",
-    )
-    dsnot_monotone: bool = Field(
-        True, description="DSnoT: refuse a swap that does not lower |error| (ending the row); false: as the "
-        "reference, keep swapping while |error| is above the threshold, overshooting allowed.",
-    )
-    dsnot_skip: str | None = Field(
-        r"mlp|\.fc\d|experts|moe", description="DSnoT: regex on full module names left unrefined (the reference "
-        "refines attention only: --skip_layer mlp); '' refines every target.",
-    )
-    # ALPS (method: alps)
-    alps_rho: float = Field(
-        0.1, gt=0, description="ALPS: initial ADMM penalty ρ on the normalised Hessian (unit diagonal); the paper's "
-        "schedule raises it by 1.3/1.2/1.1 every 3 iterations while the support still changes.",
-    )
-    alps_iters: int = Field(
-        300, ge=0, description="ALPS: at most this many ADMM iterations (the reference's max_iter); they stop earlier "
-        "once the support no longer changes.",
-    )
-    alps_pcg_iters: int = Field(
-        10, ge=0, description="ALPS: at most this many conjugate-gradient iterations on the final support (the "
-        "reference's 10).",
-    )
-    # ADMM reconstruction (reconstruct: admm)
-    admm_iters: int = Field(
-        0, ge=0, description="ADMM reconstruction: at most this many ADMM iterations (Boža 2024, ρ growing 1.3x "
-        "every 3) before the conjugate gradients; 0: conjugate gradients only, which reach the same layer error "
-        "several times faster (eval/results/reconstruct.md).",
-    )
-    admm_rho: float = Field(
-        1.0, gt=0, description="ADMM reconstruction: initial penalty ρ on the normalised Hessian (unit diagonal).",
-    )
-    admm_pcg_iters: int = Field(
-        30, ge=0, description="ADMM reconstruction: at most this many conjugate-gradient iterations on the support.",
-    )
-    admm_tol: float = Field(
-        1e-3, ge=0, description="ADMM reconstruction: stop when an iteration lowers the layer's reconstruction error "
-        "by less than this fraction of it (ADMM: when ‖V − Z‖/‖Z‖ is below it).",
-    )
-    # EoRA (compensate: eora)
-    rank: int = Field(
-        64, ge=1, description="EoRA: LoRA rank of the correction of every pruned module.",
-    )
-    eora_budget: float | None = Field(
-        None, gt=0, lt=1, description="EoRA: instead of --rank, add this fraction of each module's weights as "
-        "adapter parameters (rank = budget · out · in / (out + in)).",
-    )
-    # OWL (allocation: owl)
-    owl_m: float = Field(
-        5.0, gt=0, description="OWL: a Wanda score |W|·‖X‖ counts as an outlier above owl_m x the mean score "
-        "of its decoder layer (the paper's M).",
-    )
-    owl_lambda: float = Field(
-        0.08, ge=0, lt=1, description="OWL: every layer's sparsity stays within sparsity ± owl_lambda (the paper's "
-        "λ); with N:M a layer's N moves by at most owl_lambda·M, so it needs at least 1/M to change anything.",
-    )
-    # Activation sparsity (llmprune/activation/)
-    activation: Literal["teal", "wina", "cats"] | None = Field(
-        None, description="Activation sparsity: calibrated thresholds that zero small entries of the inputs of the "
-        "decoder layers' linear maps at inference, stored in config.json and applied by llmprune.load. 'teal' |x| "
-        "on every input; 'wina' |x_j|·‖W_:,j‖₂; 'cats' |act(gate(x))| of gated MLPs only. None: dense activations.",
-    )
-    activation_sparsity: float | None = Field(
-        None, description="Activation sparsity: target fraction of zeroed entries, model-wide, weighted by the "
-        "weights each thresholded tensor feeds (cats: of the gated MLPs' activations), in [0, 1); default 0.5.",
-    )
-    activation_allocation: Literal["uniform", "greedy"] = Field(
-        "uniform", description="Activation sparsity per tensor: 'uniform' (every tensor at the target) or 'greedy' "
-        "(TEAL's block-wise greedy: each layer meets the target with the least output error).",
-    )
-    activation_greedy_step: float = Field(
-        0.025, gt=0, lt=1, description="Activation greedy allocation: weighted layer sparsity added per step "
-        "(smaller: finer allocation, more layer forwards).",
-    )
-    activation_holdout: str | None = Field(
-        "wikitext2", description="Activation sparsity: held-out text the reached sparsity is measured on (a perplexity "
-        "dataset or .txt/.jsonl file, never the calibration text); 'none' skips the measurement.",
-    )
-    activation_holdout_windows: int = Field(
-        4, ge=1, description="Activation sparsity: windows of --seqlen tokens of the held-out text measured.",
-    )
+
+
+# Each method's options (fields, defaults, limits, help, their own validators) are a small settings model
+# beside the method (SparseGPTOptions in pruners/sparsegpt.py, ...; the activation ones in activation/options.py);
+# a method's `options` are its model's fields, so option_owners() cannot drift from them. pydantic orders
+# inherited fields from the last base to the first, then the class's own: the bases are listed in reverse so the
+# keys (model_dump, config.json, to_yaml, --help, "valid keys" errors) keep their order: core, SparseGPT, RIA,
+# DSnoT, ALPS, ADMM, EoRA, OWL, activation, then engine, eval, save format.
+class PruneConfig(ActivationOptions, OWLOptions, EoRAOptions, ADMMOptions, ALPSOptions, DSnoTOptions, RIAOptions,
+                  SparseGPTOptions, _Core):
+    """What to prune, how, and with which calibration data."""
+
     # Engine
     sequential: Literal["within-layer", "dense-layer"] = Field(
         "within-layer",
@@ -325,29 +188,11 @@ class PruneConfig(Settings):
             data = {**data, "activation": None}
         return data
 
-    @field_validator("activation_holdout")
-    @classmethod
-    def _holdout_none(cls, v: str | None) -> str | None:
-        return None if v in (None, "none", "") else v
-
-    @field_validator("activation_sparsity")
-    @classmethod
-    def _check_activation_sparsity(cls, v: float | None) -> float | None:
-        if v is not None and not 0.0 <= v < 1.0:
-            raise ValueError(f"activation sparsity {v} is out of range; give a fraction in [0, 1), e.g. 0.5")
-        return v
-
     @model_validator(mode="after")
-    def _check_activation(self) -> PruneConfig:
-        if self.activation is None:
-            stray = sorted(k for k in self.model_fields_set if k.startswith("activation_")
-                           and getattr(self, k) != type(self).model_fields[k].default)  # a full dump repeats defaults
-            if stray:
-                raise ValueError(f"{', '.join(stray)} set but no activation criterion; add --activation teal "
-                                 "(or wina, cats), or remove them")
-            if self.method == "none":
-                raise ValueError("method 'none' prunes nothing and no activation sparsity is asked for; choose a "
-                                 "method (e.g. sparsegpt) or add --activation teal")
+    def _check_activation(self) -> PruneConfig:  # after ActivationOptions' own check (stray activation_*)
+        if self.activation is None and self.method == "none":
+            raise ValueError("method 'none' prunes nothing and no activation sparsity is asked for; choose a "
+                             "method (e.g. sparsegpt) or add --activation teal")
         if self.method == "none":
             used = [k for k in ("sparsity", "layer_sparsity", "module_sparsity", "refine", "allocation",
                                 "reconstruct", "compensate") if getattr(self, k) is not None]
@@ -355,11 +200,6 @@ class PruneConfig(Settings):
                 raise ValueError(f"method 'none' leaves the weights dense, but {', '.join(used) or 'pattern'} "
                                  "prunes them; choose a method (e.g. --method sparsegpt) or remove it")
         return self
-
-    @property
-    def activation_target(self) -> float:
-        """The model-wide activation sparsity target (0.5 when only the criterion is given)."""
-        return 0.5 if self.activation_sparsity is None else self.activation_sparsity
 
     @field_validator("refine", "allocation", "reconstruct", "compensate")
     @classmethod
@@ -399,10 +239,7 @@ class PruneConfig(Settings):
             return v
         out: dict[str, float | str] = {}
         for rx, val in v.items():
-            try:
-                re.compile(rx)
-            except re.error as e:
-                raise ValueError(f"{rx!r} is not a valid regular expression ({e})") from None
+            check_regex(rx)
             if isinstance(val, str) and ":" in val:
                 parse_pattern(val)
                 out[rx] = val.strip()
@@ -439,15 +276,10 @@ class PruneConfig(Settings):
             raise ValueError(f"sparsity {v} is out of range; give a fraction in [0, 1), e.g. 0.5")
         return v
 
-    @field_validator("targets", "ignore", "dsnot_skip")
+    @field_validator("targets", "ignore")
     @classmethod
     def _check_regex(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"{v!r} is not a valid regular expression ({e})") from None
-        return v
+        return check_regex(v)
 
     @field_validator("device")
     @classmethod
@@ -472,10 +304,10 @@ class PruneConfig(Settings):
     def _check_options(self) -> PruneConfig:
         if self.allocation is not None and self.layer_sparsity is not None:
             raise ValueError("layer_sparsity and allocation both set the per-layer sparsity; give one of them")
-        if self.method == "sparsegpt" and self.nm_exact is True:  # an exact search too large: say so now
-            patterns = [self.pattern, *[v for v in (self.module_sparsity or {}).values() if isinstance(v, str)]]
-            for p in patterns:
-                SparseGPT(nm_exact=True).nm_choice(parse_pattern(p))
+        for kind in _TABLES:  # each selected method's own checks (SparseGPT's: an exact N:M search too large)
+            name = getattr(self, kind)
+            if name not in (None, "none"):
+                getattr(lookup(kind, name), "check_config", lambda _: None)(self)
         selected = self.selected_methods()
         for name in self.model_fields_set:
             owners = option_owners().get(name)
@@ -518,16 +350,7 @@ class PruneConfig(Settings):
         """Load a recipe, a packaged one by name (``"sparsegpt-50"``, see :func:`recipe_summaries`) or a YAML
         file; ``overrides`` (e.g. from the CLI) win over its values."""
         path = recipe_path(path)
-        try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            where = getattr(e, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"recipe {str(path)!r} is not valid YAML{at}: {problem}; fix the file "
-                              "(see `llmprune recipes` for examples)") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe {str(path)!r} must be a mapping of config fields, got {type(data).__name__}")
+        data = read_recipe(path)
         overrides = {k: v for k, v in overrides.items() if v is not None}
         chosen = ("method", "refine", "allocation", "reconstruct", "compensate")
         if any(k in overrides and overrides[k] != data.get(k) for k in chosen):
@@ -543,37 +366,10 @@ class PruneConfig(Settings):
         data.update(overrides)
         return cls.build(data, source=str(path))
 
-
     def to_yaml(self) -> str:
         owners, used = option_owners(), self.selected_methods()
         data = {k: v for k, v in self.model_dump().items() if k not in owners or owners[k] & used}
         return yaml.safe_dump(data, sort_keys=False)
-
-
-RECIPES_DIR = Path(__file__).parent / "recipes"  # shipped with the package (package data)
-
-
-def recipe_path(recipe: str | Path) -> Path:
-    """The file of ``recipe``: a YAML path, or the name of a packaged recipe (``sparsegpt-50``)."""
-    path = Path(recipe).expanduser()
-    if path.is_file():
-        return path
-    named = RECIPES_DIR / f"{recipe}.yaml"
-    if path.suffix == "" and path.name == str(recipe) and named.is_file():
-        return named
-    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    raise ConfigError(f"recipe {str(recipe)!r} does not exist: it is neither a YAML file nor a packaged recipe; give "
-                      f"a path, or one of: {', '.join(names)} (`llmprune recipes` lists what each does)")
-
-
-def recipe_summaries() -> list[tuple[str, str]]:
-    """``(name, what it reproduces)`` of every packaged recipe: its name and the line below its command."""
-    out = []
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        comments = [ln.lstrip("# ").strip() for ln in path.read_text(encoding="utf-8").splitlines()
-                    if ln.startswith("#")]
-        out.append((path.stem, comments[1] if len(comments) > 1 else ""))
-    return out
 
 
 def _registered(kind: str, name: str) -> str:

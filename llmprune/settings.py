@@ -7,6 +7,7 @@ received and the fix.
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Any
 
@@ -19,6 +20,16 @@ def split_list(v: Any) -> Any:
     """``"wikitext2,c4"`` -> ``["wikitext2", "c4"]`` (CLI and YAML may give either form)."""
     if isinstance(v, str):
         return [x.strip() for x in v.split(",") if x.strip()]
+    return v
+
+
+def check_regex(v: str | None) -> str | None:
+    """``v`` unchanged if it is a valid regular expression (or None); an error quoting it otherwise."""
+    if v is not None:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"{v!r} is not a valid regular expression ({e})") from None
     return v
 
 
@@ -38,8 +49,6 @@ class Settings(BaseModel):
             return cls(**data)
         except ValidationError as e:
             raise ConfigError(format_validation_error(e, source, cls)) from None
-
-
 
 
 def _nested(cls: type[BaseModel], field: str) -> type[BaseModel] | None:

@@ -39,12 +39,15 @@ from __future__ import annotations
 import logging
 
 import torch
+from pydantic import Field
 
 from ..masks import apply_mask_, invert, lowest_mask, nm_mask
 from ..reconstruction import normalized_hessian, pcg_on_support, reference_error, relative_layer_error
 from ..registry import register_pruner
+from ..settings import Settings
 from ..stats import InputStats
 from .base import Pruner, PruneResult
+from .sparsegpt import SparseGPTOptions
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +57,29 @@ RHO_MAX = 1e6
 PCG_TOL = 1e-4
 
 
+class ALPSOptions(Settings):
+    """ALPS's options, fields of :class:`llmprune.PruneConfig` (``damp`` is SparseGPT's)."""
+
+    damp: float = SparseGPTOptions.model_fields["damp"]
+    alps_rho: float = Field(
+        0.1, gt=0, description="ALPS: initial ADMM penalty ρ on the normalised Hessian (unit diagonal); the paper's "
+        "schedule raises it by 1.3/1.2/1.1 every 3 iterations while the support still changes.",
+    )
+    alps_iters: int = Field(
+        300, ge=0, description="ALPS: at most this many ADMM iterations (the reference's max_iter); they stop earlier "
+        "once the support no longer changes.",
+    )
+    alps_pcg_iters: int = Field(
+        10, ge=0, description="ALPS: at most this many conjugate-gradient iterations on the final support (the "
+        "reference's 10).",
+    )
+
+
 @register_pruner
 class ALPS(Pruner):
     name = "alps"
     needs = frozenset({"hessian"})
-    options = ("damp", "alps_rho", "alps_iters", "alps_pcg_iters")
+    options = tuple(ALPSOptions.model_fields)
 
     def __init__(self, damp: float = 0.01, alps_rho: float = 0.1, alps_iters: int = 300, alps_pcg_iters: int = 10):
         for name, v in (("alps_iters", alps_iters), ("alps_pcg_iters", alps_pcg_iters)):

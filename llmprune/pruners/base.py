@@ -5,8 +5,9 @@ small matrices. ``W`` is always ``[out, in]`` float32; the engine converts stora
 (GPT-2's ``Conv1D``, fused experts) and dtypes around the call.
 
 A pruner declares the input statistics it reads (``needs``, see :mod:`llmprune.stats`) and the
-config fields it takes (``options``: each a field of :class:`llmprune.PruneConfig` and a keyword
-of its ``__init__``).
+config fields it takes (``options``: each a keyword of its ``__init__`` and a field of a small
+settings model declared beside the method, e.g. ``SparseGPTOptions``, which
+:class:`llmprune.PruneConfig` inherits).
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class Method(ABC):
     def from_config(cls, config: Any) -> Method:
         """An instance with its options read from ``config`` (a :class:`~llmprune.PruneConfig`)."""
         return cls(**{k: getattr(config, k) for k in cls.options})
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Refuse a config this method cannot run, before any model loads (a ``ValueError`` that names the
+        fix); called for every method a :class:`~llmprune.PruneConfig` selects. Nothing by default."""
+        return None
 
 
 class Pruner(Method):

@@ -58,9 +58,11 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 
 from ..masks import nm_mask, select_mask
 from ..registry import register_pruner
+from ..settings import Settings
 from ..stats import InputStats
 from .base import Pruner, PruneResult
 
@@ -181,11 +183,32 @@ def channel_permutation(
     return perm if kept_perm >= kept_id else identity
 
 
+class RIAOptions(Settings):
+    """RIA's options, fields of :class:`llmprune.PruneConfig`."""
+
+    ria_alpha: float = Field(
+        0.5, ge=0, description="RIA: exponent a on the input-activation norm ‖X_j‖₂ in the score (0: relative "
+        "importance only).",
+    )
+    ria_permute: bool = Field(
+        True, description="RIA N:M: reorder input channels so the N:M groups keep the most score (heuristic "
+        "allocation + linear-sum assignment); the weight is saved in the original order.",
+    )
+    ria_lsa_rounds: int = Field(
+        1, ge=0, description="RIA N:M permutation: sweeps of linear-sum-assignment refinement over the M positions "
+        "of a group (0: heuristic allocation only; the reference sweeps once).",
+    )
+    ria_lsa_blocks: int = Field(
+        1, ge=1, description="RIA N:M permutation: solve the assignment within this many contiguous blocks of "
+        "channels (faster, slightly worse; the reference's --fast uses 4/8/16).",
+    )
+
+
 @register_pruner
 class RIA(Pruner):
     name = "ria"
     needs = frozenset({"sq"})
-    options = ("ria_alpha", "ria_permute", "ria_lsa_rounds", "ria_lsa_blocks")
+    options = tuple(RIAOptions.model_fields)
 
     def __init__(
         self, ria_alpha: float = 0.5, ria_permute: bool = True, ria_lsa_rounds: int = 1, ria_lsa_blocks: int = 1

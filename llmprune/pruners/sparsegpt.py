@@ -36,13 +36,16 @@ import itertools
 import logging
 import math
 from collections.abc import Iterator
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
-from ..masks import apply_mask_, invert, lowest_mask
+from ..masks import apply_mask_, invert, lowest_mask, parse_pattern
 from ..stats import InputStats
 from ..registry import register_pruner
 from ..runtime.blas import scipy_blas_single_thread
+from ..settings import Settings
 from .base import Pruner, PruneResult
 
 log = logging.getLogger(__name__)
@@ -103,11 +106,34 @@ def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, eye, upper=False)
 
 
+class SparseGPTOptions(Settings):
+    """SparseGPT's options, fields of :class:`llmprune.PruneConfig`. ``damp`` is declared here once; ALPS,
+    ADMM reconstruction and EoRA take the same field (``damp: float = SparseGPTOptions.model_fields["damp"]``)."""
+
+    blocksize: int = Field(128, ge=1, description="SparseGPT: columns per lazy-update block.")
+    damp: float = Field(
+        0.01, gt=0, lt=1, description="SparseGPT, ALPS, ADMM reconstruction, EoRA: Hessian damping as a fraction of "
+        "its mean diagonal."
+    )
+    act_order: bool | None = Field(
+        None,
+        description="SparseGPT: visit input columns (whole N:M groups) by decreasing Hessian diagonal, as GPTQ's "
+        "act-order. None: on for N:M patterns, off for unstructured (whose blocks each get the same sparsity).",
+    )
+    nm_exact: bool | Literal["auto"] = Field(
+        "auto",
+        description="SparseGPT N:M: which M-N weights of each group to prune. true: the set with the least exact "
+        "OBS loss, every C(M, M-N) set scored (refused above 100,000 sets); auto: exact up to 70 sets (every "
+        "M <= 8), beyond that greedy on the same loss, one weight at a time; false: the reference's one-by-one "
+        "saliency w^2 / [H^-1]_jj^2.",
+    )
+
+
 @register_pruner
 class SparseGPT(Pruner):
     name = "sparsegpt"
     needs = frozenset({"hessian"})
-    options = ("blocksize", "damp", "act_order", "nm_exact")
+    options = tuple(SparseGPTOptions.model_fields)
 
     def __init__(self, blocksize: int = 128, damp: float = 0.01, act_order: bool | None = False,
                  nm_exact: bool | str = "auto"):
@@ -117,6 +143,14 @@ class SparseGPT(Pruner):
         self.damp = damp
         self.act_order = act_order  # None: on for N:M patterns, off for unstructured
         self.nm_exact = nm_exact
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """``nm_exact=true`` with a pattern whose exact search is too large fails now, before any model loads."""
+        if config.nm_exact is True:
+            patterns = [config.pattern, *[v for v in (config.module_sparsity or {}).values() if isinstance(v, str)]]
+            for p in patterns:
+                cls(nm_exact=True).nm_choice(parse_pattern(p))
 
     def nm_choice(self, nm: tuple[int, int] | None) -> str | None:
         """How the weights of an N:M group are chosen: ``"exact"`` (every set scored),

@@ -46,11 +46,14 @@ import dataclasses
 import logging
 
 import torch
+from pydantic import Field
 
 from ..masks import apply_mask_
 from ..pruners.base import PruneResult
+from ..pruners.sparsegpt import SparseGPTOptions
 from ..reconstruction import normalized_hessian, pcg_on_support, reference_error
 from ..registry import register_reconstructor
+from ..settings import Settings
 from ..stats import InputStats
 from .base import Reconstruction, Reconstructor
 
@@ -61,11 +64,32 @@ RHO_EVERY = 3  # ... every third ADMM iteration
 RHO_UNTIL = 18  # ... up to this iteration (ρ grows 1.3^6 ≈ 4.8x), fixed after it
 
 
+class ADMMOptions(Settings):
+    """ADMM reconstruction's options, fields of :class:`llmprune.PruneConfig` (``damp`` is SparseGPT's)."""
+
+    damp: float = SparseGPTOptions.model_fields["damp"]
+    admm_iters: int = Field(
+        0, ge=0, description="ADMM reconstruction: at most this many ADMM iterations (Boža 2024, ρ growing 1.3x "
+        "every 3) before the conjugate gradients; 0: conjugate gradients only, which reach the same layer error "
+        "several times faster (eval/results/reconstruct.md).",
+    )
+    admm_rho: float = Field(
+        1.0, gt=0, description="ADMM reconstruction: initial penalty ρ on the normalised Hessian (unit diagonal).",
+    )
+    admm_pcg_iters: int = Field(
+        30, ge=0, description="ADMM reconstruction: at most this many conjugate-gradient iterations on the support.",
+    )
+    admm_tol: float = Field(
+        1e-3, ge=0, description="ADMM reconstruction: stop when an iteration lowers the layer's reconstruction error "
+        "by less than this fraction of it (ADMM: when ‖V − Z‖/‖Z‖ is below it).",
+    )
+
+
 @register_reconstructor
 class ADMM(Reconstructor):
     name = "admm"
     needs = frozenset({"hessian"})
-    options = ("damp", "admm_iters", "admm_rho", "admm_pcg_iters", "admm_tol")
+    options = tuple(ADMMOptions.model_fields)
 
     def __init__(self, damp: float = 0.01, admm_iters: int = 0, admm_rho: float = 1.0,
                  admm_pcg_iters: int = 30, admm_tol: float = 1e-3):

@@ -83,10 +83,12 @@ import logging
 import re
 
 import torch
+from pydantic import Field, field_validator
 
 from ..masks import apply_mask_
 from ..pruners.base import PruneResult
 from ..registry import register_refiner
+from ..settings import Settings, check_regex
 from ..stats import InputStats
 from .base import Refiner
 
@@ -99,12 +101,45 @@ _REFERENCE_SEQLEN = 2048  # tokens per calibration sequence in the reference (``
 DEFAULT_SKIP = r"mlp|\.fc\d|experts|moe"  # the reference's --skip_layer mlp (OPT's fc1/fc2, MoE experts)
 
 
+class DSnoTOptions(Settings):
+    """DSnoT's options, fields of :class:`llmprune.PruneConfig`."""
+
+    dsnot_cycles: int = Field(
+        50, ge=0, description="DSnoT: at most this many grow-and-prune swaps per output row (the reference's "
+        "max_cycle_time).",
+    )
+    dsnot_threshold: float = Field(
+        0.1 / _REFERENCE_SEQLEN, ge=0, description="DSnoT: stop a row once |Σ_j (W - Ŵ)_ij E[x_j]| is at most this, "
+        "per token (the reference's update_threshold 0.1 on sums over 2048-token sequences, made independent of "
+        "seqlen).",
+    )
+    dsnot_var_power: float = Field(
+        1.0, ge=0, description="DSnoT: the growing score is W·E[x] / Var[x]^p; 0 disables the variance term.",
+    )
+    dsnot_same_sign: bool | None = Field(
+        None, description="DSnoT: refuse a swap that flips the sign of the row's error; unset: as the reference "
+        "(off for unstructured, on for N:M).",
+    )
+    dsnot_monotone: bool = Field(
+        True, description="DSnoT: refuse a swap that does not lower |error| (ending the row); false: as the "
+        "reference, keep swapping while |error| is above the threshold, overshooting allowed.",
+    )
+    dsnot_skip: str | None = Field(
+        DEFAULT_SKIP, description="DSnoT: regex on full module names left unrefined (the reference "
+        "refines attention only: --skip_layer mlp); '' refines every target.",
+    )
+
+    @field_validator("dsnot_skip")
+    @classmethod
+    def _check_dsnot_skip(cls, v: str | None) -> str | None:
+        return check_regex(v)
+
+
 @register_refiner
 class DSnoT(Refiner):
     name = "dsnot"
     needs = frozenset({"sq", "sum"})  # ‖X_j‖ (Wanda score, variance) and E[x_j]
-    options = ("dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "dsnot_same_sign", "dsnot_monotone",
-               "dsnot_skip")
+    options = tuple(DSnoTOptions.model_fields)
 
     def __init__(self, dsnot_cycles: int = 50, dsnot_threshold: float = 0.1 / _REFERENCE_SEQLEN,
                  dsnot_var_power: float = 1.0, dsnot_same_sign: bool | None = None,

@@ -37,9 +37,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from ..pruners.sparsegpt import SparseGPTOptions
 from ..registry import register_compensator
+from ..settings import Settings
 from ..stats import InputStats
 from .base import Compensator, LowRank
 
@@ -49,11 +52,24 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+class EoRAOptions(Settings):
+    """EoRA's options, fields of :class:`llmprune.PruneConfig` (``damp`` is SparseGPT's)."""
+
+    damp: float = SparseGPTOptions.model_fields["damp"]
+    rank: int = Field(
+        64, ge=1, description="EoRA: LoRA rank of the correction of every pruned module.",
+    )
+    eora_budget: float | None = Field(
+        None, gt=0, lt=1, description="EoRA: instead of --rank, add this fraction of each module's weights as "
+        "adapter parameters (rank = budget · out · in / (out + in)).",
+    )
+
+
 @register_compensator
 class EoRA(Compensator):
     name = "eora"
     needs = frozenset({"hessian"})
-    options = ("damp", "rank", "eora_budget")
+    options = tuple(EoRAOptions.model_fields)
 
     def __init__(self, damp: float = 0.01, rank: int = 64, eora_budget: float | None = None):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:

@@ -43,7 +43,10 @@ from __future__ import annotations
 import logging
 import math
 
+from pydantic import Field
+
 from ..registry import register_allocator
+from ..settings import Settings
 from .base import Allocator, LayerTarget, ObservedModule
 
 logger = logging.getLogger(__name__)
@@ -161,6 +164,19 @@ def owl_nm(ratios: list[float], sizes: list[int], nm: tuple[int, int], lam: floa
     return Ns
 
 
+class OWLOptions(Settings):
+    """OWL's options, fields of :class:`llmprune.PruneConfig`."""
+
+    owl_m: float = Field(
+        5.0, gt=0, description="OWL: a Wanda score |W|·‖X‖ counts as an outlier above owl_m x the mean score "
+        "of its decoder layer (the paper's M).",
+    )
+    owl_lambda: float = Field(
+        0.08, ge=0, lt=1, description="OWL: every layer's sparsity stays within sparsity ± owl_lambda (the paper's "
+        "λ); with N:M a layer's N moves by at most owl_lambda·M, so it needs at least 1/M to change anything.",
+    )
+
+
 @register_allocator
 class OWL(Allocator):
     """Outlier Weighed Layerwise sparsity: fewer pruned weights in layers with more Wanda-score
@@ -168,7 +184,7 @@ class OWL(Allocator):
 
     name = "owl"
     needs = frozenset({"sq"})
-    options = ("owl_m", "owl_lambda")
+    options = tuple(OWLOptions.model_fields)
 
     def __init__(self, owl_m: float = 5.0, owl_lambda: float = 0.08):
         if not owl_m > 0:
