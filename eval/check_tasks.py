@@ -43,7 +43,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml  # the loader TaskManager itself uses
 from lm_eval.utils import apply_template
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+TASKS_DIR = (Path(__file__).resolve().parent / "tasks").resolve()  # a link to llmprune/evaluation/task_configs
 TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa", "lambada_openai")
 # Documents in the official Hub split each task evaluates on.
 OFFICIAL_DOCS = {"piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "winogrande": 1267,

@@ -1,6 +1,6 @@
-"""The offline lm-eval task configs of eval/tasks/: they resolve under the official names, read
-the data dir, keep the official documents and labels, and score a handful of examples on a tiny
-model through ``llmprune.evaluate``."""
+"""The offline lm-eval task configs (package data in llmprune/evaluation/task_configs/, linked from
+eval/tasks/): they resolve under the official names, read the data dir, keep the official documents
+and labels, and score a handful of examples on a tiny model through ``llmprune.evaluate``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from llmprune.evaluation import TaskError, offline_task_names, offline_tasks_dir
 
 lm_eval = pytest.importorskip("lm_eval")
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
+REPO = Path(__file__).resolve().parents[1]
+TASKS_DIR = REPO / "llmprune" / "evaluation" / "task_configs"
 DOCS = {"piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "winogrande": 1267,
         "boolq": 3270, "openbookqa": 500, "lambada_openai": 5153}
 METRICS = {"piqa": {"acc", "acc_norm"}, "arc_easy": {"acc", "acc_norm"}, "arc_challenge": {"acc", "acc_norm"},
@@ -49,9 +50,21 @@ def monkeypatch_module():
     mp.undo()
 
 
-def test_offline_configs_are_found_by_name():
-    assert offline_tasks_dir() == TASKS_DIR
+def test_offline_configs_are_found_by_name(monkeypatch):
+    monkeypatch.delenv("LLMPRUNE_TASKS_DIR", raising=False)
+    assert offline_tasks_dir() == TASKS_DIR  # the package's own folder, found without a checkout
     assert offline_task_names() == sorted(DOCS)
+    assert (REPO / "eval" / "tasks").resolve() == TASKS_DIR  # commands and docs of a checkout keep working
+    monkeypatch.setenv("LLMPRUNE_TASKS_DIR", str(REPO / "eval" / "tasks"))
+    assert offline_tasks_dir() == REPO / "eval" / "tasks" and offline_task_names() == sorted(DOCS)
+
+
+def test_offline_configs_are_package_data():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["llmprune"]
+    root = REPO / "llmprune"
+    shipped = {p for g in globs for p in root.glob(g)}
+    assert {p for p in TASKS_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts} <= shipped
 
 
 def test_offline_configs_override_the_official_ones():
@@ -138,7 +151,7 @@ def test_unknown_task_names_the_offline_ones(tiny_lm, shared_data_dir):
 
 
 def test_check_tasks_script_agrees_with_the_official_configs(shared_data_dir):
-    spec = importlib.util.spec_from_file_location("check_tasks", TASKS_DIR.parent / "check_tasks.py")
+    spec = importlib.util.spec_from_file_location("check_tasks", REPO / "eval" / "check_tasks.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--data-dir", str(shared_data_dir), "--limit", "40"]) == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llmprune.runtime import threads
+from llmprune.runtime import rebalance, threads
 from llmprune.runtime.threads import KEEP, Observation, ThreadSettingError, decide, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,8 +67,8 @@ def test_rebalancer_follows_runs_that_start_and_end(tmp_path, monkeypatch):
     monkeypatch.setattr(threads, "_changes", [])
     now, busy = [100.0], [0.0]
     seen: list[int] = []
-    reb = threads.Rebalancer(Observation(affinity=4, running=0.0), threads=4, interval=1.0, directory=tmp_path,
-                             set_threads=seen.append, clock=lambda: now[0], others=lambda: busy[0])
+    reb = rebalance.Rebalancer(Observation(affinity=4, running=0.0), threads=4, interval=1.0, directory=tmp_path,
+                               set_threads=seen.append, clock=lambda: now[0], others=lambda: busy[0])
     peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / str(peer.pid)).write_text("llmprune eval\n")
@@ -110,20 +110,20 @@ def test_others_running_subtracts_this_process_threads(tmp_path):
     for tid, state in ((10, "R"), (11, "R"), (12, "S")):
         (tasks / str(tid)).mkdir(parents=True)
         (tasks / str(tid) / "stat").write_text(f"{tid} (py thon) {state} 1 2 3\n")
-    assert threads.own_running_threads(tasks) == 2
-    assert threads.others_running(stat, tasks) == 3.0
-    assert threads.others_running(tmp_path / "missing", tasks) is None
-    assert threads.own_running_threads() >= 1  # this thread, running now
+    assert rebalance.own_running_threads(tasks) == 2
+    assert rebalance.others_running(stat, tasks) == 3.0
+    assert rebalance.others_running(tmp_path / "missing", tasks) is None
+    assert rebalance.own_running_threads() >= 1  # this thread, running now
 
 
 def test_rebalancing_only_for_the_automatic_policy(monkeypatch):
-    monkeypatch.setattr(threads, "_rebalancer", None)
+    monkeypatch.setattr(rebalance, "_rebalancer", None)
     monkeypatch.setattr(threads, "_applied", decide(Observation(affinity=4, running=0.0), 2))
     monkeypatch.setattr(threads, "_observed", None)  # a fixed --threads N: nothing to follow
-    assert threads.start_rebalancing() is None
+    assert rebalance.start_rebalancing() is None
     monkeypatch.setattr(threads, "_applied", decide(Observation(affinity=1, running=0.0)))
     monkeypatch.setattr(threads, "_observed", Observation(affinity=1, running=0.0))
-    assert threads.start_rebalancing() is None  # one core: nothing to split
+    assert rebalance.start_rebalancing() is None  # one core: nothing to split
 
 
 def test_rank_env():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .calibrate import ActivationResult
+from .result import ActivationResult
 
 
 def summary_lines(result: ActivationResult) -> list[str]:

@@ -15,7 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..runtime.threads import ThreadSettingError, apply_thread_policy, start_rebalancing, sync_torch
+from ..runtime.rebalance import start_rebalancing
+from ..runtime.threads import ThreadSettingError, apply_thread_policy, sync_torch
 
 log = logging.getLogger("llmprune")
 

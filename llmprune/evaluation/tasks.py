@@ -2,8 +2,9 @@
 
 lm-eval's ``HFLM`` wraps the model object itself (no reload, no fork). Task configs come from
 lm-eval's own registry (official names, data from the Hub) or, offline, from the task folders
-shipped under ``eval/tasks/``: they carry the official names and prompts but read the documents
-from the data dir (``--data-dir`` / ``$LLMPRUNE_DATA_DIR``, laid out like ``../shared/data``).
+shipped with the package under ``llmprune/evaluation/task_configs/`` (``eval/tasks/`` in a checkout
+links there): they carry the official names and prompts but read the documents from the data dir
+(``--data-dir`` / ``$LLMPRUNE_DATA_DIR``, laid out like ``../shared/data``).
 """
 
 from __future__ import annotations
@@ -21,18 +22,20 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+TASK_CONFIGS = Path(__file__).resolve().parent / "task_configs"  # package data: YAML configs, offline.py
+
 
 class TaskError(ValueError):
     """A task is unknown or cannot run; the message names the available ones."""
 
 
 def offline_tasks_dir() -> Path | None:
-    """The folder of offline task configs: ``$LLMPRUNE_TASKS_DIR`` or ``eval/tasks`` of this checkout."""
+    """The folder of offline task configs: ``$LLMPRUNE_TASKS_DIR``, else the package's ``task_configs``
+    (installed with it; ``eval/tasks`` of a checkout links there); None when neither is there."""
     env = os.environ.get("LLMPRUNE_TASKS_DIR")
     if env:
         return Path(env).expanduser()
-    here = Path(__file__).resolve().parents[2] / "eval" / "tasks"
-    return here if here.is_dir() else None
+    return TASK_CONFIGS if TASK_CONFIGS.is_dir() else None
 
 
 def offline_task_names() -> list[str]:
@@ -65,7 +68,7 @@ def _data_dir_env(data_dir: str | Path | None) -> Iterator[None]:
 
 
 def resolve_task_source(tasks: list[str], data_dir: str | Path | None, source: str = "auto") -> str:
-    """``"local"`` (offline configs under eval/tasks) or ``"hub"`` (lm-eval's official configs).
+    """``"local"`` (the offline configs of :func:`offline_tasks_dir`) or ``"hub"`` (lm-eval's official configs).
 
     ``auto`` takes the offline configs when a data dir is set (flag or environment) and every
     requested task has one, else lm-eval's own configs (which download their data).
@@ -80,7 +83,7 @@ def resolve_task_source(tasks: list[str], data_dir: str | Path | None, source: s
 
 
 def task_manager(source: str, include_path: list[str] | None = None):
-    """lm-eval's TaskManager over its own tasks, plus eval/tasks (``source="local"``) and ``include_path``."""
+    """lm-eval's TaskManager over its own tasks, plus the offline configs (``source="local"``) and ``include_path``."""
     return _task_manager(source, tuple(str(Path(p).expanduser().resolve()) for p in include_path or []))
 
 
@@ -93,8 +96,9 @@ def _task_manager(source: str, include_path: tuple[str, ...]):
         root = offline_tasks_dir()
         if root is None:
             raise TaskError(
-                "offline task configs not found: set LLMPRUNE_TASKS_DIR to the eval/tasks folder of an llmprune "
-                "checkout, or use --task-source hub"
+                f"offline task configs not found: {TASK_CONFIGS} is missing from this install of llmprune; "
+                "reinstall it, set LLMPRUNE_TASKS_DIR to a folder of task configs (eval/tasks of a checkout), "
+                "or use --task-source hub"
             )
         paths = [str(root)] + paths
     for p in paths:
@@ -184,6 +188,7 @@ def run_tasks(
                     "num_fewshot": out.get("n-shot", {}).get(name, num_fewshot or 0),
                     "limit": limit,
                     "version": out.get("versions", {}).get(name),
+                    # a stable label (stored results carry it), not a path: the configs are package data
                     "source": "offline:eval/tasks" if name in offline else "lm-eval",
                     "output_type": cfg.get("output_type"),
                     "batch_size": str(batch_size),

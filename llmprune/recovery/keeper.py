@@ -10,7 +10,8 @@ optimizer's moments, which keep moving the weight on later steps. :class:`Sparsi
    elementwise (Shampoo, SOAP, Muon's orthogonalised updates) and anything else that writes the weights.
 
 Masks are captured from the zeros of the pruned weights (or checked against a :class:`~llmprune.PruneReport`'s
-mask hashes) and stored as packed bits, one bit per weight on the weight's device: 1/32 of a float32 copy.
+mask hashes) and stored as packed bits, one bit per weight on the weight's device: 1/32 of a float32 copy
+(:mod:`.masks`).
 
 Three ways in:
 
@@ -26,7 +27,8 @@ Three ways in:
 
 * PEFT / LoRA: train adapters on the sparse base (its weights are frozen, so they stay sparse), then
   :func:`merge_and_keep_sparsity` (or :meth:`SparsityKeeper.merge`) merges the adapters, re-applies the mask
-  and warns with the share of the adapters' update that fell on pruned positions and was dropped.
+  and warns with the share of the adapters' update that fell on pruned positions and was dropped
+  (:mod:`.merge`).
 
 The model may be wrapped (``DistributedDataParallel``, ``DataParallel``, accelerate's prepared model,
 ``torch.compile``, a PEFT model): the keeper unwraps it to find the weights, and holds the weight tensors
@@ -37,28 +39,24 @@ replaces the parameters with flat shards, is not supported.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
 from ..engine.plan import zero_pattern
 from ..engine.targets import find_decoder_layers, find_targets, tuner_layers, unwrap_model
+from .masks import PackedMask, clean_name, pack_keep, unpack_pruned
+from .merge import MergeReport, merge_adapters
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MergeReport", "SparsityError", "SparsityKeeper", "merge_and_keep_sparsity", "unwrap_model"]
-
-# Bit weights of one packed byte, most significant first (numpy.packbits' order, so that a keeper's
-# bytes hash like the engine's mask_sha256).
-_BITS = (128, 64, 32, 16, 8, 4, 2, 1)
+__all__ = ["MergeReport", "SparsityError", "SparsityKeeper", "merge_and_keep_sparsity", "pack_keep", "unpack_pruned",
+           "unwrap_model"]
 
 
 class SparsityError(RuntimeError):
@@ -75,104 +73,6 @@ def _adapter_params(model: nn.Module) -> set[int]:
     return out
 
 
-def _clean_name(name: str) -> str:
-    """A module name as in the unwrapped, adapter-free model (PEFT inserts ``.base_layer``)."""
-    return name.replace(".base_layer", "")
-
-
-def pack_keep(W: torch.Tensor) -> torch.Tensor:
-    """The keep-mask ``W != 0`` of a weight as packed bits: uint8 ``[ceil(numel / 8)]`` on ``W``'s device,
-    in row-major order of the stored tensor, most significant bit first (as ``numpy.packbits``)."""
-    keep = (W.detach() != 0).reshape(-1)  # [numel] bool
-    if keep.device.type == "cpu":
-        return torch.from_numpy(np.packbits(keep.numpy()))  # numpy's packing: ~10x torch's on the CPU
-    pad = (-keep.numel()) % 8
-    if pad:
-        keep = torch.cat([keep, keep.new_zeros(pad)])
-    bits = torch.tensor(_BITS, dtype=torch.uint8, device=keep.device)  # [8]
-    return (keep.view(-1, 8).to(torch.uint8) * bits).sum(dim=1, dtype=torch.uint8)  # [ceil(numel / 8)]
-
-
-def unpack_pruned(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """The pruned positions (True where the weight must be zero) of a mask packed by :func:`pack_keep`."""
-    numel = math.prod(shape)
-    bits = torch.tensor(_BITS, dtype=torch.uint8, device=packed.device)  # [8]
-    pruned = torch.bitwise_and(packed.unsqueeze(1), bits).eq(0)  # [ceil(numel / 8), 8]
-    return pruned.view(-1)[:numel].view(shape)
-
-
-_INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer views of float weights
-
-
-@dataclass
-class _Mask:
-    """One kept weight: the tensor itself and its keep-mask as packed bits."""
-
-    name: str
-    param: torch.Tensor
-    bits: torch.Tensor  # uint8 [ceil(numel / 8)], on the weight's device once used
-    kept: int  # weights kept (ones in the mask)
-
-    @property
-    def numel(self) -> int:
-        return self.param.numel()
-
-    def _bits_on(self, device: torch.device) -> torch.Tensor:
-        if self.bits.device != device:  # the model moved after the capture: the mask follows, once
-            self.bits = self.bits.to(device)
-        return self.bits
-
-    def pruned(self) -> torch.Tensor:
-        """Bool ``[*shape]`` on the weight's device, True at pruned positions (unpacked on demand)."""
-        return unpack_pruned(self._bits_on(self.param.device), self.param.shape)
-
-    def zero_(self, t: torch.Tensor) -> None:
-        """Write exact zeros into ``t`` (the weight or its gradient) at the pruned positions.
-
-        On the CPU through numpy on the tensor's bits seen as integers: ``np.unpackbits`` and an integer
-        multiply by the keep-mask are ~10x faster there than torch's bool kernels (17 ms against 1.6 ms
-        for a 1536x576 weight on the 2-core machine), and the integer view gives +0.0 even over NaN or inf.
-        """
-        view = _INT_VIEWS.get(t.element_size())
-        if t.device.type == "cpu" and t.is_contiguous() and view is not None and not t.is_complex():
-            keep = np.unpackbits(self._bits_on(t.device).numpy(), count=t.numel()).view(np.bool_)  # [numel]
-            a = t.detach().view(view).numpy().reshape(-1)  # [numel], the tensor's own memory
-            np.multiply(a, keep, out=a)
-        else:
-            t.masked_fill_(unpack_pruned(self._bits_on(t.device), t.shape), 0)
-
-
-@dataclass
-class MergeReport:
-    """What :meth:`SparsityKeeper.merge` did to the adapters' update ``ΔW`` (all adapters merged together).
-
-    ``dropped_fraction`` is ``‖ΔW ⊙ (1 − M)‖² / ‖ΔW‖²`` over every merged sparse module: the share of the
-    update's squared Frobenius norm that fell on pruned positions and was removed to keep the mask.
-    """
-
-    model: nn.Module  # the merged model, adapters unloaded
-    modules: dict[str, float] = field(default_factory=dict)  # merged sparse module -> its dropped fraction
-    dense_modules: list[str] = field(default_factory=list)  # merged modules the keeper does not hold (kept dense)
-    update_norm: float = 0.0  # ‖ΔW‖ over the sparse modules
-    dropped_norm: float = 0.0  # ‖ΔW ⊙ (1 − M)‖ over the sparse modules
-    sparsity: float = 0.0  # of the kept weights after the merge (equal to the keeper's mask sparsity)
-
-    @property
-    def dropped_fraction(self) -> float:
-        return (self.dropped_norm / self.update_norm) ** 2 if self.update_norm > 0 else 0.0
-
-    def summary(self) -> str:
-        """One line for logs and warnings."""
-        if not self.modules:
-            return "no adapter was merged into a sparse module"
-        worst = max(self.modules, key=self.modules.get)
-        return (f"merged adapters into {len(self.modules)} sparse module(s) and re-applied the mask (sparsity "
-                f"{self.sparsity:.4f}): the adapters' update had {self.dropped_fraction:.1%} of its squared norm "
-                f"({self.dropped_norm / self.update_norm:.1%} of its norm) on pruned positions, which was dropped; "
-                f"worst module {worst} ({self.modules[worst]:.1%} of its squared norm)" if self.update_norm > 0 else
-                f"merged adapters into {len(self.modules)} sparse module(s); their update was zero")
-
-
 class SparsityKeeper(TrainerCallback):
     """Keeps the zeros of a pruned model fixed while it trains: gradients masked before each optimizer step,
     weights re-zeroed after it. Build it with :meth:`from_model` or :meth:`from_report`.
@@ -182,8 +82,8 @@ class SparsityKeeper(TrainerCallback):
     gradient; in a custom loop call :meth:`mask_grads` before clipping to clip the masked one.
     """
 
-    def __init__(self, masks: Iterable[_Mask]):
-        self._masks: list[_Mask] = list(masks)
+    def __init__(self, masks: Iterable[PackedMask]):
+        self._masks: list[PackedMask] = list(masks)
         if not self._masks:
             raise ValueError("a SparsityKeeper needs at least one weight; build it with SparsityKeeper.from_model")
         self._by_param = {id(m.param): m for m in self._masks}
@@ -202,7 +102,7 @@ class SparsityKeeper(TrainerCallback):
         inner = unwrap_model(model)
         layers_name, layers = find_decoder_layers(inner)
         adapters = _adapter_params(inner)
-        masks: list[_Mask] = []
+        masks: list[PackedMask] = []
         seen: set[int] = set()
         n_dense = 0
         for i, layer in enumerate(layers):
@@ -216,7 +116,7 @@ class SparsityKeeper(TrainerCallback):
                 if kept == p.numel():
                     n_dense += 1
                     continue
-                masks.append(_Mask(_clean_name(re.sub(r"\[\d+\]$", "", t.name)), p, pack_keep(p), kept))
+                masks.append(PackedMask(clean_name(re.sub(r"\[\d+\]$", "", t.name)), p, pack_keep(p), kept))
         if not masks:
             raise ValueError(
                 f"{type(inner).__name__} has no exact zeros in its {n_dense} target weights: nothing to keep. Prune "
@@ -239,8 +139,8 @@ class SparsityKeeper(TrainerCallback):
         for i, layer in enumerate(layers):
             found = find_targets(layer, f"{layers_name}.{i}", cfg.get("targets"), cfg.get("ignore"))
             for t in found.targets + [t for g in found.groups for t in g.targets]:
-                by_name[_clean_name(t.name)] = t
-        masks: dict[int, _Mask] = {}
+                by_name[clean_name(t.name)] = t
+        masks: dict[int, PackedMask] = {}
         bad = []
         for mod in report.modules:
             t = by_name.get(mod.name)
@@ -252,7 +152,7 @@ class SparsityKeeper(TrainerCallback):
                 continue
             p = getattr(t.module, t.param)
             if id(p) not in masks:
-                masks[id(p)] = _Mask(_clean_name(re.sub(r"\[\d+\]$", "", t.name)), p, pack_keep(p),
+                masks[id(p)] = PackedMask(clean_name(re.sub(r"\[\d+\]$", "", t.name)), p, pack_keep(p),
                                      int(torch.count_nonzero(p.detach())))
         if bad:
             raise SparsityError(
@@ -358,40 +258,14 @@ class SparsityKeeper(TrainerCallback):
 
         Each adapter layer is merged by PEFT itself (LoRA, DoRA, ... and ``adapter_names``/``safe_merge``
         as in ``merge_and_unload``), one module at a time; the update ``ΔW`` it added is measured, its part
-        on pruned positions dropped. Returns a :class:`MergeReport` (``.model`` is the merged model) and,
-        with ``warn``, warns with its summary when part of the update was dropped.
+        on pruned positions dropped (:func:`~llmprune.recovery.merge.merge_adapters`). Returns a
+        :class:`MergeReport` (``.model`` is the merged model) and, with ``warn``, warns with its summary
+        when part of the update was dropped.
         """
-        layers = tuner_layers(peft_model)
-        if not layers:
-            raise ValueError(f"{type(peft_model).__name__} has no PEFT adapter layers to merge; pass the PeftModel "
-                             "returned by peft.get_peft_model or PeftModel.from_pretrained")
-        report = MergeReport(model=peft_model)
-        update2 = dropped2 = 0.0
-        for name, layer in layers:
-            base = layer.get_base_layer()
-            W = getattr(base, "weight", None)
-            entry = self._by_param.get(id(W)) if W is not None else None
-            if entry is None:
-                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                report.dense_modules.append(_clean_name(name))
-                continue
-            before = W.detach().clone()
-            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-            W = base.weight  # safe_merge replaces .data; the parameter is the same
-            delta = W.detach().float() - before.float()  # ΔW in the stored layout
-            del before
-            pruned = entry.pruned()
-            u2 = float(delta.pow(2).sum())
-            d2 = float(delta[pruned].pow(2).sum())
-            entry.zero_(W.data)
-            update2 += u2
-            dropped2 += d2
-            report.modules[entry.name] = d2 / u2 if u2 > 0 else 0.0
-        report.model = peft_model.unload()  # the adapters are merged already: only replace the layers
-        report.update_norm, report.dropped_norm = math.sqrt(update2), math.sqrt(dropped2)
+        report = merge_adapters(peft_model, self._by_param, adapter_names=adapter_names, safe_merge=safe_merge)
         report.sparsity = self.sparsity()
         self.check()
-        if warn and dropped2 > 0:
+        if warn and report.dropped_norm > 0:
             warnings.warn(report.summary() + ". Keep the adapter separate (unmerged) to keep its whole update",
                           UserWarning, stacklevel=2)
         log.info("%s", report.summary())

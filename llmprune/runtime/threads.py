@@ -33,13 +33,10 @@ split evenly between the llmprune runs, and each other runnable task takes one c
 oversubscribed OpenMP team is the slowest case of all: every parallel region ends at a barrier that
 waits for whichever worker the scheduler has parked.
 
-While a CLI run goes on, other runs and other busy tasks may start or end: :func:`start_rebalancing`
-looks again at most once a second (the registry, and ``procs_running`` minus this process's own
-running threads; from a forward pre-hook, on the thread that runs the model) and moves
-``torch.set_num_threads`` to the new share: down at once for a new llmprune run, otherwise after two
-looks in a row agree, and back up when the others are gone (a lone run that started beside a passing
-command gets its cores back). The wait
-policy cannot change after torch loads; one thread per run needs no waiting policy at all.
+While a CLI run goes on, other runs and other busy tasks may start or end:
+:func:`llmprune.runtime.rebalance.start_rebalancing` moves the thread count to the new share (the
+changes are kept in the record :func:`applied` returns). The wait policy cannot change after torch
+loads; one thread per run needs no waiting policy at all.
 
 Overrides, strongest first: ``--threads`` (CLI), ``LLMPRUNE_THREADS``; each takes ``auto``
 (the policy), ``torch`` (change nothing: torch's own defaults, for comparison) or a positive
@@ -337,6 +334,20 @@ def applied() -> dict[str, Any] | None:
     return record
 
 
+def record_change(change: dict[str, Any]) -> None:
+    """Note a change of the thread count made while running (by :mod:`llmprune.runtime.rebalance`);
+    :func:`applied` reports them under ``rebalanced``."""
+    _changes.append(change)
+
+
+def auto_policy() -> tuple[ThreadPolicy, Observation] | None:
+    """The applied automatic policy and the observation it was decided on; None when no policy was
+    applied, or it was fixed (``--threads N``), torch's own, or left the count to ``OMP_NUM_THREADS``."""
+    if _applied is None or _observed is None or _applied.threads is None:
+        return None
+    return _applied, _observed
+
+
 def apply_thread_policy(threads: str | int | None = None, *, environ: Any = None) -> ThreadPolicy:
     """Decide the thread policy and apply it to this process; returns it.
 
@@ -378,104 +389,3 @@ def sync_torch() -> None:
 
     if torch.get_num_threads() != _applied.threads:
         torch.set_num_threads(_applied.threads)
-
-
-def own_running_threads(task_dir: Path = Path("/proc/self/task")) -> int | None:
-    """Threads of this process in state R now (its OpenMP workers spin as R), or None when unreadable."""
-    try:
-        count = 0
-        for task in task_dir.iterdir():
-            try:
-                stat = (task / "stat").read_text()
-            except OSError:
-                continue  # the thread ended
-            if stat[stat.rindex(")") + 2:].startswith("R"):
-                count += 1
-        return count
-    except (OSError, ValueError):
-        return None
-
-
-def others_running(stat: Path = Path("/proc/stat"), task_dir: Path = Path("/proc/self/task"),
-                   samples: int = 3) -> float | None:
-    """Runnable tasks of other processes now: ``procs_running`` minus this process's running threads, the
-    least of a few back-to-back reads (the two files are not read at the same instant: a worker of this
-    process going to sleep between them would count as another task)."""
-    seen = []
-    for _ in range(samples):
-        total = runnable_tasks(samples=1, stat=stat)  # procs_running - 1
-        own = own_running_threads(task_dir)
-        if total is None or own is None:
-            return None
-        seen.append(max(0.0, total + 1 - own))
-    return min(seen)
-
-
-class Rebalancer:
-    """Moves the thread count to this run's share as other llmprune runs and other busy tasks come and go.
-
-    Called often (a global forward pre-hook), it looks at most every ``interval`` seconds: the registry
-    (other llmprune runs) and the runnable tasks of other processes. Fewer threads are taken at once when
-    a new run registers; any other change waits until two looks in a row agree, so a passing command does
-    not move it. ``set_threads`` is ``torch.set_num_threads`` (it must run on the thread that runs the
-    model: OpenMP's thread count is per calling thread)."""
-
-    def __init__(self, obs: Observation, threads: int, interval: float = 1.0, directory: Path | None = None,
-                 set_threads=None, clock=time.monotonic, others=others_running) -> None:
-        self.obs, self.threads, self.interval, self.directory = obs, threads, interval, directory
-        self.share = core_share(obs)
-        self.clock, self.next = clock, clock() + interval
-        self.t0 = self.next - interval
-        self.set_threads, self.others = set_threads, others
-        self.peers = max(0, obs.peers - (obs.local_ranks - 1))
-        self.pending: int | None = None
-
-    def check(self) -> int | None:
-        """Look again when due; the new thread count when it changed, else None."""
-        now = self.clock()
-        if now < self.next:
-            return None
-        self.next = now + self.interval
-        peers = max(0, live_peers(self.directory) - (self.obs.local_ranks - 1))
-        others = self.others()
-        wanted = share_threads(self.share, peers, others or 0.0)
-        new_run = peers > self.peers
-        self.peers = peers
-        if wanted == self.threads:
-            self.pending = None
-            return None
-        if not new_run and self.pending != wanted:  # wait for a second look that agrees
-            self.pending = wanted
-            return None
-        self.pending = None
-        log.info("threads: %d -> %d (%d other llmprune run%s, %g other runnable)", self.threads, wanted, peers,
-                 "s" if peers != 1 else "", others or 0.0)
-        _changes.append({"seconds": round(now - self.t0, 1), "threads": wanted, "peers": peers,
-                         "others_running": others})
-        self.threads = wanted
-        if self.set_threads is not None:
-            self.set_threads(wanted)
-        return wanted
-
-    def __call__(self, module: Any, args: Any) -> None:  # forward pre-hook signature
-        self.check()
-
-
-_rebalancer: Rebalancer | None = None
-
-
-def start_rebalancing(interval: float = 1.0) -> Rebalancer | None:
-    """For the CLI, after :func:`apply_thread_policy`: follow other runs while this one goes on (a global
-    forward pre-hook; imports torch). Only for the automatic policy on more than one core; None otherwise.
-    The library never calls it: it changes the process's thread count."""
-    global _rebalancer
-    if _applied is None or _observed is None or _applied.threads is None or core_share(_observed) < 2:
-        return None
-    if _rebalancer is not None:
-        return _rebalancer
-    import torch
-
-    sync_torch()
-    _rebalancer = Rebalancer(_observed, _applied.threads, interval, set_threads=torch.set_num_threads)
-    torch.nn.modules.module.register_module_forward_pre_hook(_rebalancer)
-    return _rebalancer

@@ -1,0 +1,77 @@
+"""What the activation calibration pass chose (:class:`ActivationResult`: one spec per thresholded tensor,
+stored in ``config.json``'s metadata) and the sparsity its thresholds reach on held-out text
+(:func:`measure_holdout`, kept in the result's ``holdout``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.capture import inference_state
+from .apply import ThresholdSpec
+
+
+@dataclass
+class ActivationResult:
+    """What the calibration pass chose: one spec per thresholded tensor, and how long it took."""
+
+    criterion: str
+    allocation: str
+    target: float
+    specs: list[ThresholdSpec] = field(default_factory=list)
+    seconds: float = 0.0
+    step: float | None = None
+    holdout: dict[str, Any] | None = None  # measured sparsity on held-out text (see measure_holdout)
+
+    @property
+    def calibration_sparsity(self) -> dict[str, float | None]:
+        """Model-wide sparsity on the calibration tokens: over entries, and weighted by weights fed."""
+        w = sum(s.weights for s in self.specs)
+        return {"weighted": sum(s.calibration * s.weights for s in self.specs) / w if w else None}
+
+    def metadata(self) -> dict[str, Any]:
+        """The ``"activation"`` block of ``config.json``'s ``llmprune`` metadata: module → threshold."""
+        thresholds = {}
+        for s in self.specs:
+            for m in s.members:
+                thresholds[m] = {"threshold": s.threshold, "group": s.name, "site": s.site,
+                                 "target": round(s.target, 6) if s.target is not None else None,
+                                 "calibration": round(s.calibration, 6) if s.calibration is not None else None,
+                                 "measured": round(s.measured, 6) if s.measured is not None else None,
+                                 "weights": s.weights}
+        return {
+            "criterion": self.criterion, "allocation": self.allocation, "target_sparsity": self.target,
+            "calibration_sparsity": _round(self.calibration_sparsity["weighted"]),
+            "measured_sparsity": _round((self.holdout or {}).get("weighted")),
+            **({"measured_on": {k: v for k, v in self.holdout.items() if k not in ("tensors",)}}
+               if self.holdout else {}),
+            **({"greedy_step": self.step} if self.allocation == "greedy" else {}),
+            "meaning": "entries of each listed module's input (site 'input'; 'output': the module's output) whose "
+                       "score is below 'threshold' are set to zero at inference; score |x| (teal, cats) or "
+                       "|x_j|*||W[:, j]||_2 over the group's stacked weights (wina); modules with the same 'group' "
+                       "read one tensor. Installed by llmprune.load / llmprune.apply_activation_sparsity; "
+                       "transformers alone ignores it (dense activations).",
+            "thresholds": thresholds,
+        }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
+
+
+
+def measure_holdout(model: nn.Module, handle, input_ids: torch.Tensor, device: torch.device,
+                    description: dict[str, Any]) -> dict[str, Any]:
+    """Sparsity the installed thresholds reach on held-out windows ``input_ids [n, L]``: per tensor
+    (written into each spec's ``measured``) and model-wide (over entries, and weighted by weights fed)."""
+    with inference_state(model), handle.measure():
+        for row in input_ids:
+            model(input_ids=row[None].to(device), use_cache=False)
+    got = handle.sparsity()
+    for spec in handle.specs:
+        spec.measured = got["tensors"].get(spec.name)
+    return {**description, "tokens": int(input_ids.numel()), "entries": got["entries"], "weighted": got["weighted"],
+            "tensors": got["tensors"]}
