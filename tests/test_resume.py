@@ -117,3 +117,38 @@ def test_resume_refuses_another_config_or_model(src, tmp_path):
 def test_resume_without_progress_starts_from_the_first_layer(src, tmp_path):
     rep = prune_checkpoint(_config(src), tmp_path / "out", progress=False, resume=True)
     assert len(rep.layers) == 4 and not partial_folder(tmp_path / "out").exists()
+
+
+TERMINATOR = """
+import os, signal, sys
+import llmprune.engine.residency.resume as resume
+from llmprune.cli import main
+
+done = resume.Progress.layer_done
+
+def layer_done(self, run, plan, i, *args):
+    done(self, run, plan, i, *args)
+    if i == 0:
+        os.kill(os.getpid(), signal.{sig})  # a scheduler's SIGTERM, or Ctrl-C, after the first layer
+
+resume.Progress.layer_done = layer_done
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_leaves_only_the_progress_and_says_so(src, tmp_path, sig, code, word):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = ["prune", str(src), "--method", "sparsegpt", "--calib", str(src / "calib.txt"), "--nsamples", "4",
+            "--seqlen", "16", "--device", "cpu", "--output", str(out), "-q"]
+    proc = subprocess.run([sys.executable, "-c", TERMINATOR.replace("{sig}", sig), *args], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"llmprune: {word}; the progress of 1 pruned layer(s) is kept in") and "MB" in line
+    assert "--resume" in line and "--overwrite" in line and "Traceback" not in proc.stderr
+    assert leftovers(out) == [] and not out.exists()  # the offload folder removed on the way out
+    assert subprocess.run([sys.executable, "-m", "llmprune.cli", *args, "--resume"], env=env, capture_output=True,
+                          text=True, timeout=180).returncode == 0
+    assert out.is_dir() and not partial_folder(out).exists()

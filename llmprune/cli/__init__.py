@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -80,6 +81,15 @@ def _heap_for_streaming() -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``timeout``, ``kill``): unwound like Ctrl-C, so every clean-up of the run runs
+    (the disk offload removed, the progress for ``--resume`` kept) instead of the process vanishing."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def _early(argv: Sequence[str]) -> argparse.Namespace:
     """The command, ``--threads`` and the log level, read before anything loads torch; the full parser
     validates every flag afterwards."""
@@ -97,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     early = _early(argv)
     level = logging.DEBUG if early.verbose else logging.WARNING if early.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if early.command in POLICY_COMMANDS and not {"-h", "--help"} & set(argv):  # before torch loads: the OpenMP wait policy is read at import
+    # before torch loads: the OpenMP wait policy is read when it is imported
+    if early.command in POLICY_COMMANDS and not {"-h", "--help"} & set(argv):
         try:
             apply_thread_policy(early.threads)
         except ThreadSettingError as e:
@@ -112,9 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from .commands import COMMANDS, USER_ERRORS, cmd_prune  # the CLI's lazy start-up: after the thread policy
+    from .commands import COMMANDS, USER_ERRORS, cmd_prune, interrupted  # lazy start-up: after the policy
 
     sync_torch()  # torch is loaded now: make its thread count match the policy's
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (main() called from a thread): SIGTERM keeps its handler
+        previous = None
     try:
         if ns.command == "prune":
             return cmd_prune(ns, _heap_for_streaming)
@@ -122,9 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:  # bad input (a setting, a file, a model, a dataset): one line, exit 2
         print(f"llmprune: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("llmprune: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"llmprune: {what}; {interrupted(ns)}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from ..checkpoint.hub import PushError
 from ..checkpoint.load import LoadError, load_model
 from ..config import PruneConfig, recipe_summaries
 from ..engine.capture import resolve_device
+from ..engine.residency.resume import describe_partial
 from ..errors import ConfigError
 from ..evaluation import compare_chart, compare_table, evaluate, save_all
 from ..evaluation.evaluate import preflight
@@ -42,6 +43,13 @@ def cmd_prune(ns: argparse.Namespace, heap_for_streaming) -> int:
         r = push(ns.output, ns.push_to_hub, private=ns.private)
         print(f"pushed {len(r.files)} files to {r.repo_id}: {r.commit_url}")
     return 0
+
+
+def interrupted(ns: argparse.Namespace) -> str:
+    """What an interrupted command left: for ``prune``, the progress kept for ``--resume`` (where, how large,
+    how to continue or remove it); the scratch folders are gone by then."""
+    kept = describe_partial(ns.output) if ns.command == "prune" else None
+    return kept or "nothing was written"
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
