@@ -269,3 +269,55 @@ def test_bench_script_commands_and_table(tmp_path):
     assert "| eval | policy | 31.0 | 30.0, 32.0, 31.0 | 40.0 | 33.0, 34.1 | 20.0, 21.0 | 1.10x | 1.29x | <= 1.3x met |" in md
     assert "| eval | torch defaults | 31.0 | 31.0 | - | 68.0, 70.0 | - | 2.26x | - |  |" in md
     assert "lone eval: policy 31.0 s vs torch defaults 31.0 s (1.00x)" in md
+
+
+NEIGHBOUR = """
+import json, os, subprocess, sys
+import llmprune.engine.residency.resume as resume
+from llmprune.cli import main
+from llmprune.runtime import rebalance
+
+busy = []
+done = resume.Progress.layer_done
+
+def layer_done(self, run, plan, i, *args):
+    done(self, run, plan, i, *args)
+    if i == 0 and sys.argv[1] == "busy":  # two CPU-bound neighbours start once the first layer is pruned
+        busy.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2))
+
+resume.Progress.layer_done = layer_done
+try:
+    rc = main(sys.argv[2:])
+finally:
+    for p in busy:
+        p.kill()
+meta = json.load(open(os.path.join(sys.argv[sys.argv.index("--output") + 1], "config.json")))["llmprune"]
+print("RESULT", json.dumps({"rc": rc, "masks": meta["masks_sha256"], "threads": meta.get("threads"),
+                            "rebalancer": rebalance._rebalancer is not None}))
+"""
+
+
+def test_a_prune_keeps_its_thread_count_whatever_starts_beside_it(tmp_path):
+    """A neighbour that starts mid-run changes nothing: the prune keeps the thread count it started with
+    (no rebalancing), records it, and a run alone at that count gives the same masks."""
+    import json
+
+    from test_stream import _save_tiny
+
+    src = _save_tiny("llama", tmp_path / "src", num_hidden_layers=6)
+    (src / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", threads.ENV)}
+    env["PYTHONPATH"] = str(REPO)
+
+    def run(mode: str, out: str, *extra: str) -> dict:
+        args = ["prune", str(src), "--method", "sparsegpt", "--calib", str(src / "calib.txt"), "--nsamples", "8",
+                "--seqlen", "64", "--device", "cpu", "--output", str(tmp_path / out), "-q", *extra]
+        res = subprocess.run([sys.executable, "-c", NEIGHBOUR, mode, *args], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return json.loads(res.stdout.split("RESULT", 1)[1])
+
+    busy = run("busy", "busy")
+    assert not busy["rebalancer"] and "rebalanced" not in (busy["threads"] or {})
+    alone = run("alone", "alone", "--threads", str(busy["threads"]["threads"]))
+    assert alone["masks"] == busy["masks"]

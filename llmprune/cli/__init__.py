@@ -22,6 +22,11 @@ from ..runtime.threads import ThreadSettingError, apply_thread_policy, sync_torc
 log = logging.getLogger("llmprune")
 
 POLICY_COMMANDS = ("prune", "eval")  # the commands that compute: they get the thread policy
+# ... and those whose thread count may follow the load while they run. Not prune: the summation order of its
+# statistics follows the thread count, so a change mid-run (another job using the CPU for a few seconds)
+# would change every later layer's masks. A prune keeps the count the policy chose at its start (recorded
+# in the report); `--threads N` reproduces it. Evaluation rebalances: its scores move by float noise only.
+REBALANCED = ("eval",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"llmprune: error: {e}", file=sys.stderr)
             return 2
     ns = build_parser().parse_args(argv)
-    if ns.command in POLICY_COMMANDS:
+    if ns.command in REBALANCED:
         start_rebalancing()  # follow other runs that start or end while this one goes on
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -1,4 +1,5 @@
-"""Rebalancing: while a CLI run goes on, follow other runs and other busy tasks that start or end.
+"""Rebalancing: while a CLI evaluation goes on, follow other runs and other busy tasks that start or end
+(never a prune: its masks follow the thread count, which it keeps from its start).
 
 Other llmprune runs and other busy tasks may start or end while a run goes on: :func:`start_rebalancing`
 looks again at most once a second (the registry, and ``procs_running`` minus this process's own

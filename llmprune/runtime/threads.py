@@ -33,10 +33,11 @@ split evenly between the llmprune runs, and each other runnable task takes one c
 oversubscribed OpenMP team is the slowest case of all: every parallel region ends at a barrier that
 waits for whichever worker the scheduler has parked.
 
-While a CLI run goes on, other runs and other busy tasks may start or end:
-:func:`llmprune.runtime.rebalance.start_rebalancing` moves the thread count to the new share (the
-changes are kept in the record :func:`applied` returns). The wait policy cannot change after torch
-loads; one thread per run needs no waiting policy at all.
+While a CLI evaluation goes on, other runs and other busy tasks may start or end:
+:func:`llmprune.runtime.rebalance.start_rebalancing` moves its thread count to the new share (the
+changes are kept in the record :func:`applied` returns). A prune keeps the count it started with: the
+summation order of its statistics, and so its masks, follow the thread count. The wait policy cannot
+change after torch loads; one thread per run needs no waiting policy at all.
 
 Overrides, strongest first: ``--threads`` (CLI), ``LLMPRUNE_THREADS``; each takes ``auto``
 (the policy), ``torch`` (change nothing: torch's own defaults, for comparison) or a positive
