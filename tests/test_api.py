@@ -69,6 +69,34 @@ def test_text_records_outside_a_dataset_say_what_to_do():
         get_calibration([{"text": "hello"}], None, nsamples=1, seqlen=4)
 
 
+def _as_given(calibration, **kw):
+    model = make_tiny_model("llama")
+    return llmprune.prune(model, None, method="wanda", sparsity=0.5, calibration=calibration, progress=False, **kw)
+
+
+def test_pretokenized_calibration_is_used_as_given(caplog):
+    """Without nsamples/seqlen, the tokens handed over are the calibration: their own count and length, in every
+    form, with a warning that they are fewer than the papers'; explicit settings are kept and validated."""
+    datasets = pytest.importorskip("datasets")
+    ids = _rows(16, 24)  # [16, 24]: 16 x 24 tokens, fewer than nsamples*seqlen = 128*2048
+    with caplog.at_level("WARNING", logger="llmprune.calibration"):
+        report = _as_given(ids)
+    assert (report.calibration["nsamples"], report.calibration["seqlen"]) == (16, 24)
+    assert "16 windows x 24 tokens" in caplog.text and "as given" in caplog.text
+    forms = {"token lists": ids.tolist(), "batches": [ids[:5], ids[5:]],
+             "dataloader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=3),
+             "dataset": datasets.Dataset.from_dict({"input_ids": ids.tolist()})}
+    for name, form in forms.items():
+        assert _as_given(form).masks_sha256 == report.masks_sha256, name  # the same windows, every form
+    ragged = [ids[0, :20].tolist(), ids[1].tolist(), ids[2, :11].tolist()]  # rows at the shortest row's length
+    assert (_as_given(ragged).calibration["nsamples"], _as_given(ragged).calibration["seqlen"]) == (3, 11)
+    assert _as_given(ids, seqlen=8).calibration["nsamples"] == 16  # an explicit seqlen: a window from every row
+    with pytest.raises(CalibrationError, match="fewer than nsamples"):  # explicit settings validate as before
+        _as_given(ids, nsamples=128)
+    with pytest.raises(CalibrationError, match="outside the model's vocabulary"):
+        _as_given(ids + VOCAB)
+
+
 def test_every_public_name_has_a_docstring_and_is_in_the_readme_api_section():
     text = README.read_text()
     match = re.search(r"^## Python API\n(.*?)(?=^## )", text, flags=re.S | re.M)

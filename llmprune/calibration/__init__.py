@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from ..loading.models import effective_seqlen
+from ..loading.models import effective_seqlen, model_context
 from .common import (
     CHOICES_MSG,
     LOCAL_DIR_RECORDED,
@@ -67,7 +67,7 @@ from .hf import dataset_docs, hf_docs, is_hf_dataset, is_text_dataset
 from .named import c4_docs, local_copy, wikitext2_text
 from .sampling import require_tokenizer, sample_documents, sample_stream
 from .self_generated import self_calibration
-from .tokens import from_pretokenized
+from .tokens import from_pretokenized, shape_as_given, warn_if_few
 
 __all__ = [
     "LOCAL_DIR_RECORDED", "CalibrationError", "calibration_tokens", "describe_source", "file_sha256",
@@ -234,18 +234,42 @@ def _from_string(
     return sample_documents(hf_docs(source, text_field, tokenizer), tokenizer, nsamples, seqlen, rng)
 
 
+def is_pretokenized(source: Any) -> bool:
+    """Whether ``source`` holds token ids (anything but a name, a path or a ``datasets.Dataset`` of text)."""
+    return not isinstance(source, (str, os.PathLike)) and not is_text_dataset(source)
+
+
 def calibration_tokens(config, model, tokenizer, calibration: Any = None) -> tuple[torch.Tensor, dict]:
     """``(input_ids [nsamples, seqlen], description)`` from ``calibration`` or ``config.calib``.
+
+    Pre-tokenized ``calibration`` (a tensor, token lists, a DataLoader or Dataset of ``input_ids``) is used as
+    given where ``config`` leaves ``nsamples``/``seqlen`` unset: its own row count and row length
+    (:func:`~.tokens.shape_as_given`); settings given explicitly are kept and validated against it.
 
     The description names the source and fingerprints what was read (``data_sha256``: the local file's
     bytes, None for the Hub and pre-tokenized sources; ``windows_sha256``: the windows drawn), never a path.
     """
     source = config.calib if calibration is None else calibration
-    seqlen = effective_seqlen(model, config.seqlen)
+    nsamples, seqlen = config.nsamples, config.seqlen
+    unset, given = {"nsamples", "seqlen"} - config.model_fields_set, None
+    if unset and is_pretokenized(source):  # the tokens handed over are used as they are given
+        given = shape_as_given(source, describe_source(source), None if "nsamples" in unset else nsamples,
+                               None if "seqlen" in unset else seqlen, model_context(model))
+        if given is not None:
+            nsamples, seqlen = given
+    seqlen = effective_seqlen(model, seqlen)
     ids = get_calibration(
-        source, tokenizer, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed,
+        source, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=config.seed,
         data_dir=config.data_dir, text_field=config.text_field, model=model,
     )
+    if unset and is_pretokenized(source) and given is not None:
+        warn_if_few(ids, describe_source(source))
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is not None and ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+        bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+        raise CalibrationError(f"calibration token id {bad} of {describe_source(source, config.data_dir)} is outside "
+                               f"the model's vocabulary (ids 0..{vocab - 1}); tokenize with the model's own tokenizer")
     desc = {"source": describe_source(source, config.data_dir),
             "data_sha256": source_fingerprint(source, config.data_dir),
             "windows_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],

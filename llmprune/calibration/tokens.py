@@ -4,6 +4,7 @@ including a ``datasets.Dataset`` with an ``input_ids`` column. The rows are wind
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -11,6 +12,11 @@ from typing import Any
 import torch
 
 from .common import CHOICES_MSG, CalibrationError, is_int
+
+log = logging.getLogger("llmprune.calibration")  # one logger for every source: users filter on it
+
+# What the SparseGPT and Wanda papers calibrate on: 128 windows of 2048 tokens (C4).
+PAPER_NSAMPLES, PAPER_SEQLEN = 128, 2048
 
 
 def _as_ids(value: Any, what: str) -> torch.Tensor:
@@ -55,6 +61,50 @@ def _to_rows(item: Any, what: str) -> list[torch.Tensor]:
         f"{what} is a {type(item).__name__}; pre-tokenized sources yield tensors, token-id lists, "
         "or dicts with 'input_ids'"
     )
+
+
+def _items(source: Any, name: str) -> Iterable[Any]:
+    """The items of a pre-tokenized ``source``: itself when it is one tensor or one token list."""
+    if isinstance(source, torch.Tensor) or (
+        isinstance(source, (list, tuple)) and source and all(is_int(t) for t in source)
+    ):
+        return [source]
+    if isinstance(source, (bytes, Mapping)) or not isinstance(source, Iterable):
+        raise CalibrationError(
+            f"calibration source of type {type(source).__name__} is not understood; use one of: {CHOICES_MSG}, "
+            "or pre-tokenized ids (a LongTensor, a list of token-id lists, or a DataLoader yielding input_ids)"
+        )
+    return source
+
+
+def shape_as_given(source: Any, name: str, nsamples: int | None, seqlen: int | None,
+                   context: int | None = None) -> tuple[int, int] | None:
+    """``(nsamples, seqlen)`` that use a pre-tokenized ``source`` as it is given, for the settings left unset
+    (None): every row once (``nsamples`` = its rows), each at the length of its shortest row (``seqlen``,
+    clipped to the model's ``context``), or as many windows of an explicit ``seqlen`` as the tokens hold; an
+    explicit ``nsamples`` is kept and validated by :func:`from_pretokenized` as before. None
+    when ``source`` has no length (an iterator, which is never drained to find one)."""
+    if not hasattr(source, "__len__"):
+        return None
+    rows = [r.numel() for k, item in enumerate(_items(source, name)) for r in _to_rows(item, f"item {k} of {name}")]
+    rows = [n for n in rows if n > 0]
+    if not rows:
+        raise CalibrationError(f"pre-tokenized source {name} holds no tokens; pass token ids")
+    total = sum(rows)
+    if seqlen is None:
+        seqlen = min(min(rows), context) if context else min(rows)
+    if nsamples is None:
+        nsamples = len(rows) if min(rows) >= seqlen else max(1, total // seqlen)
+    return nsamples, seqlen
+
+
+def warn_if_few(ids: torch.Tensor, name: str) -> None:
+    """A warning when calibration used as given holds fewer tokens than the papers calibrate on."""
+    nsamples, seqlen = ids.shape
+    if nsamples * seqlen < PAPER_NSAMPLES * PAPER_SEQLEN:
+        log.warning("calibration: %d windows x %d tokens of %s, as given (%d tokens), fewer than the %d x %d the "
+                    "SparseGPT and Wanda papers calibrate on; the masks may be noisier", nsamples, seqlen, name,
+                    nsamples * seqlen, PAPER_NSAMPLES, PAPER_SEQLEN)
 
 
 def from_pretokenized(source: Any, name: str, nsamples: int, seqlen: int, rng: random.Random) -> torch.Tensor:
