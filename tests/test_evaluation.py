@@ -264,3 +264,16 @@ def test_prune_with_unknown_eval_task_fails_before_writing(tiny_llama_dir, tmp_p
     assert main(["prune", str(tiny_llama_dir), "--method", "magnitude", "--eval", "piqaa",
                  "--output", str(out), "-q"]) == 2
     assert "unknown task 'piqaa'" in capsys.readouterr().err and not out.exists()
+
+
+def test_prune_eval_takes_the_window_cap_of_eval(tiny_llama_dir, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT * 6)
+    args = ["prune", str(tiny_llama_dir), "--method", "magnitude", "--device", "cpu", "-q"]
+    assert main([*args, "--eval", str(calib), "--max-windows", "1", "--output", str(tmp_path / "out")]) == 0
+    r = EvalResults.load(tmp_path / "out" / "llmprune_eval.json")
+    assert r.perplexity["calib"]["windows"] == 1
+    capsys.readouterr()
+    assert main([*args, "--max-windows", "1", "--output", str(tmp_path / "no-eval")]) == 2
+    assert "--max-windows cap the evaluation after pruning; add --eval" in capsys.readouterr().err
+    assert not (tmp_path / "no-eval").exists()

@@ -10,7 +10,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from ..config import EvalConfig, PruneConfig, option_owners
+from ..config import ConfigError, EvalConfig, PruneConfig, option_owners
 from . import publish
 
 PRUNE_EPILOG = """\
@@ -37,6 +37,9 @@ first 1,100 validation documents joined with " ", 256 windows), tokenized once, 
 windows of --seqlen tokens, mean token NLL. Tasks run in-process through lm-eval; with a data dir
 the offline task configs shipped with the package are used (official names, prompts and metrics).
 """
+
+# `llmprune eval`'s caps, also taken by `prune` for its --eval
+EVAL_CAPS = ("max_windows", "limit")
 
 # --help topics of the fields no method owns, in the order shown; a method's options are grouped
 # under the method(s) that take them (the registry knows them). tests/test_cli_help.py checks that
@@ -165,6 +168,9 @@ def build_parser(version: str = "") -> argparse.ArgumentParser:
                    help="Continue an interrupted run into the same --output from the progress it saved after each "
                         "layer (same config and model required); the result equals an uninterrupted run's.")
     add_config_flags(p)
+    g = p.add_argument_group("evaluation after pruning (with --eval)")
+    for name in EVAL_CAPS:
+        _add_flag(g, name, EvalConfig.model_fields[name])
     _add_common(p)
 
     e = sub.add_parser(
@@ -200,6 +206,12 @@ def eval_config_from_args(ns: argparse.Namespace) -> EvalConfig:
 
 def config_from_args(ns: argparse.Namespace) -> PruneConfig:
     fields = {k: v for k, v in vars(ns).items() if k in PruneConfig.model_fields}
-    if ns.recipe:
-        return PruneConfig.from_yaml(ns.recipe, **fields)
-    return PruneConfig.build(fields, source="command line")
+    config = (PruneConfig.from_yaml(ns.recipe, **fields) if ns.recipe
+              else PruneConfig.build(fields, source="command line"))
+    caps = {k: getattr(ns, k) for k in EVAL_CAPS if getattr(ns, k, None) is not None}
+    if caps:  # prune --eval wikitext2 --max-windows 16: the caps of `llmprune eval`, for the evaluation after pruning
+        if config.eval is None or config.eval.empty:
+            raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in caps)} cap the evaluation after "
+                              "pruning; add --eval (e.g. --eval wikitext2), or evaluate later with llmprune eval")
+        config.eval = EvalConfig.build({**config.eval.model_dump(exclude_unset=True), **caps}, source="command line")
+    return config
