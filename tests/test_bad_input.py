@@ -28,6 +28,11 @@ def inputs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     byte_tokenizer().save_pretrained(bert)
     (root / "noweights").mkdir()
     shutil.copy(tiny_llama_dir / "config.json", root / "noweights" / "config.json")
+    (root / "pickled").mkdir()
+    shutil.copy(tiny_llama_dir / "config.json", root / "pickled" / "config.json")
+    for tok in tiny_llama_dir.glob("tokenizer*"):
+        shutil.copy(tok, root / "pickled" / tok.name)
+    (root / "pickled" / "pytorch_model.bin").write_bytes(b"")  # refused before it is read
     (root / "noconfig").mkdir()
     (root / "calib.txt").write_text(TEXT)
     (root / "empty.txt").write_text("")
@@ -42,7 +47,8 @@ def inputs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
 CASES = {
     "missing model folder": (["{root}/missing"], "is not a folder"),
     "folder without config": (["{root}/noconfig"], "has no config.json"),
-    "no safetensors weights": (["{root}/noweights"], "has no safetensors weights; pass --allow-pickle"),
+    "no weights": (["{root}/noweights"], "has a config.json but no weights"),
+    "no safetensors weights": (["{root}/pickled"], "has no safetensors weights; pass --allow-pickle"),
     "not a causal LM": (["{bert}"], "is not a causal language model checkpoint"),
     "pattern against widths": (["{llama}", "--pattern", "3:7"], "needs input widths that are multiples of its M"),
     "empty calibration file": (["{llama}", "--calib", "{root}/empty.txt"], "has only 0 tokens"),

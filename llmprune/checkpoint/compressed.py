@@ -12,12 +12,14 @@ from typing import Any
 
 import torch
 
+from ..loading.integrity import check_json, check_shapes, empty_model, read_header
+from ..loading.shards import check_checkpoint
 from ..steps.eora import retarget_adapter
 from .card import write_card
 from .folder import staging
 from .format import (COMPRESSED_WEIGHTS, DENSE_INDEX, DENSE_WEIGHTS, LAYOUT_FORMAT, LAYOUT_KEY, LAYOUT_VERSION,
                      COMPRESSED_MODEL_TYPE, CompressedFormatError, encode, is_compressed, iter_decoded, layout_of,
-                     parse_pattern, read_config)
+                     parse_pattern, read_config, stored_keys)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ def _dense_shards(folder: Path) -> list[Path]:
     if not shards:
         bins = [p.name for p in folder.glob("*.bin")]
         hint = (f" (it has {', '.join(bins)}; load and re-save it with save_pretrained(safe_serialization=True) "
-                "first)") if bins else ""
+                "first)") if bins else "; copy its weight files into it, or give the folder that holds them"
         raise CompressedFormatError(f"{str(folder)!r} has no model*.safetensors weights to compress{hint}")
     return shards
 
@@ -97,6 +99,53 @@ def compress_in_place(folder: str | Path, pattern: str | None = None) -> dict[st
     return layout
 
 
+def dense_config(folder: Path, config: dict[str, Any]):
+    """The transformers config of the dense model a compressed checkpoint holds (its ``config.json`` with the
+    original ``model_type`` and without the layout block)."""
+    from transformers import AutoConfig
+
+    layout = layout_of(config)
+    cfg = {k: v for k, v in config.items() if k != "model_type"}
+    cfg["llmprune"] = {k: v for k, v in config["llmprune"].items() if k != LAYOUT_KEY}  # the model is dense now
+    if not cfg["llmprune"]:
+        del cfg["llmprune"]
+    model_type = layout.get("model_type")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError) as e:
+        raise CompressedFormatError(f"{str(folder)!r}: model type {model_type!r} is unknown to this transformers "
+                                    f"({e}); upgrade transformers") from e
+    hf_config.name_or_path = str(folder)
+    return hf_config
+
+
+def check_compressed(folder: Path, config: dict[str, Any], shapes: bool = True, trust_remote_code: bool = False) -> None:
+    """A compressed checkpoint folder, whole and consistent, before anything reads it: its JSON files, every
+    file the layout names present with its header checked against the file and holding what the layout
+    stores there, and (``shapes``) the layout's shapes against the model its ``config.json`` builds."""
+    layout = layout_of(config)
+    check_json(folder)
+    headers: dict[str, dict] = {}
+    for name, entry in layout["tensors"].items():
+        file = entry["file"]
+        if file not in headers:
+            if not (folder / file).is_file():
+                raise CompressedFormatError(f"{str(folder)!r} lacks {file}, named in its config.json; the checkpoint "
+                                            "is incomplete: copy or download it again")
+            headers[file] = read_header(folder / file)[1]
+        absent = [k for k in stored_keys(name, entry) if k not in headers[file]]
+        if absent:
+            raise CompressedFormatError(f"{str(folder / file)!r} lacks {absent[0]!r}, which the layout in config.json "
+                                        "places there: the weights and config.json do not belong together; copy or "
+                                        "download the checkpoint again")
+    if shapes:
+        try:
+            model = empty_model(dense_config(folder, config), trust_remote_code)
+        except CompressedFormatError:  # a model type this transformers lacks: the weights can still be decoded
+            return
+        check_shapes(model, {n: (e["shape"], e["file"]) for n, e in layout["tensors"].items()}, folder / "config.json")
+
+
 def _copy_other_files(src: Path, dst: Path, skip) -> None:
     for p in src.iterdir():
         if skip(p.name):
@@ -130,6 +179,7 @@ def compress(src: str | Path, dst: str | Path, *, pattern: str | None = None, ov
     if is_compressed(src):
         raise CompressedFormatError(f"{str(src)!r} is already compressed; nothing to do")
     _dense_shards(src)  # fail before creating anything
+    check_checkpoint(src)
     tmp, finish = staging(Path(dst).expanduser(), overwrite)
     try:
         _copy_other_files(src, tmp, lambda n: n.startswith("."))
@@ -154,6 +204,7 @@ def decompress(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> 
     layout = layout_of(config)
     if layout is None:
         raise CompressedFormatError(f"{str(src)!r} is not compressed; it already loads with transformers")
+    check_compressed(src, config)  # fail before creating anything
     tmp, finish = staging(Path(dst).expanduser(), overwrite)
     try:
         files = set(layout["files"])

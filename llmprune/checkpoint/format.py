@@ -26,7 +26,6 @@ in the layout block.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterator
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..loading.integrity import CheckpointFileError, read_header, read_json
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,14 @@ def _negzero(out: torch.Tensor, name: str, entry: dict[str, Any], get) -> torch.
     return out
 
 
+def stored_keys(name: str, entry: dict[str, Any]) -> list[str]:
+    """The names under which tensor ``name`` is stored, by its layout ``entry`` (none for an unknown encoding,
+    which :func:`decode` refuses)."""
+    negzero = [f"{name}.negzero"] if entry.get("negzero") else []
+    return {"dense": [name], "bitmask": [f"{name}.values", f"{name}.bitmask", *negzero],
+            "nm": [f"{name}.values", f"{name}.indices", *negzero]}.get(entry.get("encoding"), [])
+
+
 def decode(name: str, entry: dict[str, Any], get, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rebuild tensor ``name`` from its layout ``entry``; ``get(key)`` returns a stored tensor.
     ``out`` (contiguous, the stored dtype and shape, e.g. the model's parameter) is written in
@@ -223,7 +232,10 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder).expanduser() / "config.json"
     if not path.is_file():
         raise CompressedFormatError(f"{str(path.parent)!r} has no config.json; give a checkpoint folder")
-    return json.loads(path.read_text())
+    try:
+        return read_json(path)
+    except CheckpointFileError as e:
+        raise CompressedFormatError(str(e)) from None
 
 
 def layout_of(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -236,7 +248,7 @@ def is_compressed(folder: str | Path) -> bool:
     """Whether ``folder`` holds a compressed llmprune checkpoint."""
     try:
         return layout_of(read_config(folder)) is not None
-    except (CompressedFormatError, json.JSONDecodeError):
+    except CompressedFormatError:
         return False
 
 
@@ -249,11 +261,9 @@ class _Reader:
                "BOOL": torch.bool}
 
     def __init__(self, path: Path) -> None:
-        self.file = open(path, "rb")  # noqa: SIM115 (closed by close())
-        n = int.from_bytes(self.file.read(8), "little")
-        self.header = json.loads(self.file.read(n))
+        self.base, self.header = read_header(path)  # checked against the file: damage is named before any read
         self.header.pop("__metadata__", None)
-        self.base = 8 + n
+        self.file = open(path, "rb")  # noqa: SIM115 (closed by close())
 
     def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         info = self.header[key]

@@ -20,9 +20,12 @@ from typing import Any
 
 from torch import nn
 
+from ..loading.integrity import CheckpointFileError, check_json
+from ..loading.shards import check_checkpoint
 from ..steps.eora import ADAPTER_CONFIG, retargeted_adapter_config
 from .card import CARD_FILE, build_card
-from .format import DENSE_WEIGHTS, layout_of
+from .compressed import check_compressed
+from .format import DENSE_WEIGHTS, CompressedFormatError, layout_of
 from .save import save
 
 log = logging.getLogger(__name__)
@@ -55,31 +58,38 @@ def check_folder(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-        raise PushError(f"{str(cfg_path)!r} is not valid JSON ({e}); the checkpoint is damaged") from None
+        raise PushError(f"{str(cfg_path)!r} is not valid JSON ({e}): the checkpoint is damaged; write it again "
+                        "with llmprune prune, or copy it again") from None
     meta = config.get("llmprune")
     if not isinstance(meta, dict) or "method" not in meta:
         raise PushError(f"{str(folder)!r} has no llmprune metadata in config.json: not a checkpoint written by "
                         f"llmprune prune; {push_any}")
-    layout = layout_of(config)
-    if layout is not None:
-        missing = [f for f in layout.get("files", []) if not (folder / f).is_file()]
-        if missing or not layout.get("files"):
-            raise PushError(f"{str(folder)!r} is incomplete: {', '.join(missing) or 'weight files'} missing; "
-                            "write the checkpoint again (llmprune prune / llmprune compress)")
-    else:
-        shards = [p.name for p in folder.iterdir() if DENSE_WEIGHTS.match(p.name)]
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            wanted = set(json.loads(index.read_text()).get("weight_map", {}).values())
-            missing = sorted(wanted - set(shards))
-        else:
-            missing = [] if shards else ["model.safetensors"]
-        if missing:
-            raise PushError(f"{str(folder)!r} is incomplete: {', '.join(missing)} missing; write the checkpoint "
-                            "again with llmprune prune")
     if any(p.name.startswith(".") and ".tmp-" in p.name for p in folder.iterdir()):
         raise PushError(f"{str(folder)!r} holds a temporary folder: a write into it is still running or was "
                         "interrupted; wait for it or write the checkpoint again")
+    try:
+        check_json(folder)
+        layout = layout_of(config)
+        if layout is not None:
+            missing = [f for f in layout.get("files", []) if not (folder / f).is_file()]
+            if missing or not layout.get("files"):
+                raise PushError(f"{str(folder)!r} is incomplete: {', '.join(missing) or 'weight files'} missing; "
+                                "write the checkpoint again (llmprune prune / llmprune compress)")
+            check_compressed(folder, config)
+        else:
+            shards = [p.name for p in folder.iterdir() if DENSE_WEIGHTS.match(p.name)]
+            index = folder / "model.safetensors.index.json"
+            if index.is_file():
+                wanted = set(json.loads(index.read_text()).get("weight_map", {}).values())
+                missing = sorted(wanted - set(shards))
+            else:
+                missing = [] if shards else ["model.safetensors"]
+            if missing:
+                raise PushError(f"{str(folder)!r} is incomplete: {', '.join(missing)} missing; write the checkpoint "
+                                "again with llmprune prune")
+            check_checkpoint(folder)  # every header against its file, the shapes against config.json
+    except (CheckpointFileError, CompressedFormatError) as e:
+        raise PushError(f"{e}; nothing was pushed") from None
     return meta
 
 

@@ -15,7 +15,6 @@ back on the model; the first hook installs activation-sparsity thresholds
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +24,11 @@ import torch
 from torch import nn
 
 from ..activation.apply import apply_from_config, use_sparse_decode
-from ..loading.models import DTYPES, ModelLoadError, load_pretrained, resolve_dtype
-from .compressed import decompress
-from .format import LAYOUT_KEY, CompressedFormatError, is_compressed, iter_decoded, layout_of
+from ..loading.integrity import CheckpointFileError
+from ..loading.models import DTYPES, ModelLoadError, load_pretrained, load_tokenizer, resolve_dtype
+from ..loading.shards import check_checkpoint
+from .compressed import check_compressed, decompress, dense_config
+from .format import CompressedFormatError, is_compressed, iter_decoded, layout_of, read_config
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +76,14 @@ def _load_dense(source: str, dtype, trust_remote_code: bool, allow_pickle: bool)
 
 
 def _load_compressed(folder: Path, config: dict[str, Any], dtype, trust_remote_code: bool) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
 
     layout = layout_of(config)
-    cfg = {k: v for k, v in config.items() if k != "model_type"}
-    cfg["llmprune"] = {k: v for k, v in config["llmprune"].items() if k != LAYOUT_KEY}  # the model is dense now
-    if not cfg["llmprune"]:
-        del cfg["llmprune"]
-    model_type = layout.get("model_type")
-    try:
-        hf_config = AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, KeyError) as e:
-        raise LoadError(f"{str(folder)!r}: model type {model_type!r} is unknown to this transformers "
-                        f"({e}); upgrade transformers") from e
-    hf_config.name_or_path = str(folder)
+    hf_config = dense_config(folder, config)
     stored = {e["dtype"] for e in layout["tensors"].values() if e["shape"] and len(e["shape"]) >= 2}
     if dtype == "auto":
         dtype = getattr(torch, next(iter(stored))) if len(stored) == 1 else torch.float32
@@ -188,16 +179,21 @@ def load(
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise LoadError(f"folder {str(folder)!r} has no config.json; is it a Hugging Face checkpoint folder?")
-        config = json.loads((folder / "config.json").read_text())
     elif Path(str(path)).exists() or str(path).startswith((".", "/", "~")):
         raise LoadError(f"{str(path)!r} is not a folder; give a checkpoint folder or a Hub id")
     try:
+        if folder.is_dir():  # a damaged or inconsistent folder is named before anything is read from it
+            config = read_config(folder)
+            if layout_of(config) is not None:
+                check_compressed(folder, config, shapes=False)  # the loader compares each shape as it fills the model
+            else:
+                check_checkpoint(folder, trust_remote_code)
         if layout_of(config) is not None:
             model = _load_compressed(folder, config, torch_dtype, trust_remote_code)
         else:
             model = _load_dense(str(folder) if folder.is_dir() else str(path), torch_dtype,
                                 trust_remote_code, allow_pickle)
-    except CompressedFormatError as e:
+    except (CompressedFormatError, CheckpointFileError) as e:
         raise LoadError(str(e)) from e
     if torch_dtype != "auto" and any(p.dtype != torch_dtype for p in model.parameters() if p.is_floating_point()):
         model.to(torch_dtype)
@@ -236,13 +232,14 @@ def load_model(model: str | None = None, dtype: str = "auto", trust_remote_code:
     format) or, with ``model=None``, the embedded default SmolLM2-135M-Instruct; ``source`` is the resolved
     path or Hub id. Use :func:`load` for a pruned checkpoint with everything it records installed (activation
     thresholds, sparse decode); here only a compressed folder goes through it."""
-    from transformers import AutoTokenizer
-
     local = Path(model).expanduser() if model is not None else None
-    if local is not None and local.is_dir() and (local / "config.json").is_file() and is_compressed(local):
-        try:  # llmprune's compressed sparse format: transformers cannot read it
-            m = load(local, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
-        except LoadError as e:
-            raise ModelLoadError(str(e)) from e
-        return m, AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code), str(local)
+    if local is not None and local.is_dir() and (local / "config.json").is_file():
+        if is_compressed(local):  # llmprune's compressed sparse format: transformers cannot read it
+            tokenizer = load_tokenizer(local, trust_remote_code)  # a missing one stops the run before the weights
+            try:
+                m = load(local, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+            except LoadError as e:
+                raise ModelLoadError(str(e)) from e
+            return m, tokenizer, str(local)
+        check_checkpoint(local, trust_remote_code)  # damaged or inconsistent files, named before anything loads
     return load_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)

@@ -103,7 +103,7 @@ def load_pretrained(
     """Load ``(model, tokenizer, source)`` on the CPU with ``from_pretrained``; ``source`` is the resolved path
     or Hub id (``model=None``: the embedded default). A compressed llmprune folder needs
     :func:`llmprune.checkpoint.load.load_model`, which dispatches here for everything else."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = str(embedded_model_path()) if model is None else model
     local = Path(source).expanduser()
@@ -113,6 +113,8 @@ def load_pretrained(
         source = str(local)
         if not (local / "config.json").is_file():
             raise ModelLoadError(f"folder {source!r} has no config.json; is it a Hugging Face checkpoint folder?")
+    # a local folder's tokenizer first: a missing or broken one stops the run before the weights are read
+    tok = load_tokenizer(source, trust_remote_code) if local.is_dir() else None
     kwargs = dict(dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
     kwargs["use_safetensors"] = None if allow_pickle else True
     try:
@@ -143,8 +145,33 @@ def load_pretrained(
             f"{len(missing)} weight(s) without values (e.g. {missing[0]}); llmprune prunes causal LMs "
             "(AutoModelForCausalLM), give such a checkpoint"
         )
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tok is None:
+        tok = load_tokenizer(source, trust_remote_code)
     return m, tok, source
+
+
+# files a tokenizer is read from; a folder with none of them has no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model")
+
+
+def load_tokenizer(source: str | Path, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained(source)``; a folder without tokenizer files, or whose files transformers
+    cannot read, is a :class:`ModelLoadError` naming the folder and the fix."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        local = Path(source).expanduser()
+        if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES) \
+                and not any(local.glob("*.tiktoken")):
+            raise ModelLoadError(f"{str(local)!r} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): copy "
+                                 "the tokenizer files of the model it was made from into it") from None
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ModelLoadError(f"could not load the tokenizer of {str(source)!r} ({first.strip()}); check its "
+                             "tokenizer files (tokenizer.json, tokenizer_config.json), or copy them from the model "
+                             "it was made from") from e
 
 
 def model_context(model) -> int | None:

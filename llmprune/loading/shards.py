@@ -6,7 +6,6 @@ set a read tensor into a module the way ``from_pretrained`` would. Used by strea
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .integrity import (AGAIN, CheckpointFileError, check_json, check_shapes, empty_model, no_weights, read_header,
+                        read_json)
 from .models import ModelLoadError, embedded_model_path
 
 log = logging.getLogger(__name__)
@@ -58,30 +59,54 @@ def resolve_folder(model: str | None, trust_remote_code: bool = False) -> Path:
 
 
 class ShardIndex:
-    """Where each tensor of a safetensors checkpoint lies: ``model.safetensors`` or an index of shards."""
+    """Where each tensor of a safetensors checkpoint lies: ``model.safetensors`` or an index of shards. Every
+    shard's header is read and checked against its file when it is built (:func:`~.integrity.read_header`),
+    and the index against the shards: a damaged or incomplete checkpoint is a :class:`CheckpointFileError`."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        if (folder / INDEX_FILE).is_file():
-            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-        elif (folder / SINGLE_FILE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(folder / SINGLE_FILE, "pt") as f:
-                weight_map = {k: SINGLE_FILE for k in f.keys()}
-        else:
-            raise StreamingError(f"{str(folder)!r} has no {SINGLE_FILE} nor {INDEX_FILE}; streaming reads "
-                                 "safetensors checkpoints only (run without --low-memory)")
-        self.weight_map: dict[str, str] = weight_map
         self._headers: dict[str, tuple[int, dict]] = {}
+        if (folder / INDEX_FILE).is_file():
+            weight_map = self._index(folder / INDEX_FILE)
+        elif (folder / SINGLE_FILE).is_file():
+            weight_map = {k: SINGLE_FILE for k in sorted(self._header(SINGLE_FILE)[1]) if k != "__metadata__"}
+        else:
+            error = no_weights(folder)
+            raise error if error is not None else StreamingError(
+                f"{str(folder)!r} has no {SINGLE_FILE} nor {INDEX_FILE}; streaming reads safetensors checkpoints "
+                "only (run without --low-memory)")
+        self.weight_map: dict[str, str] = weight_map
+
+    def _index(self, path: Path) -> dict[str, str]:
+        """The index's ``weight_map``, every shard it names present and whole, holding the tensors named."""
+        weight_map = read_json(path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointFileError(f"{str(path)!r} has no weight_map of tensor names to shard files: the file is "
+                                      f"damaged; {AGAIN}")
+        by_shard: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            by_shard.setdefault(shard, []).append(name)
+        for shard, names in sorted(by_shard.items()):
+            if not (self.folder / shard).is_file():
+                raise CheckpointFileError(f"{str(path)!r} names the shard {shard}, which is not in "
+                                          f"{str(self.folder)!r}: the checkpoint is incomplete; copy or download "
+                                          f"{shard} into it")
+            header = self._header(shard)[1]
+            absent = [name for name in names if name not in header]
+            if absent:
+                raise CheckpointFileError(f"{str(path)!r} places tensor {absent[0]!r} in {shard}, whose header does "
+                                          f"not hold it: the index and the shards do not belong together; {AGAIN}")
+        return weight_map
 
     def _header(self, shard: str) -> tuple[int, dict]:
-        """``(offset of the data, header)`` of a shard file, read once."""
+        """``(offset of the data, header)`` of a shard file, read and checked once."""
         if shard not in self._headers:
-            with open(self.folder / shard, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                self._headers[shard] = (8 + n, json.loads(f.read(n)))
+            self._headers[shard] = read_header(self.folder / shard)
         return self._headers[shard]
+
+    def shapes(self) -> dict[str, tuple[list[int], str]]:
+        """``name -> (shape as stored, shard file)`` of every tensor, from the headers."""
+        return {name: (self._header(shard)[1][name]["shape"], shard) for name, shard in self.weight_map.items()}
 
     def _read(self, name: str, first: int | None = None, last: int | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,10 +185,7 @@ class ShardIndex:
 
         total = 0
         for shard in sorted(set(self.weight_map.values())):
-            with open(self.folder / shard, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            for k, v in header.items():
+            for k, v in self._header(shard)[1].items():
                 if k == "__metadata__":
                     continue
                 stored = v["data_offsets"][1] - v["data_offsets"][0]
@@ -173,6 +195,20 @@ class ShardIndex:
 
     def close(self) -> None:
         self._headers.clear()
+
+
+def check_checkpoint(folder: Path, trust_remote_code: bool = False) -> None:
+    """A local dense checkpoint folder, whole and consistent, before anything loads it: its JSON files, every
+    safetensors header against its file, the index against its shards, the stored shapes against the model
+    ``config.json`` builds. A folder whose weights are not safetensors (``.bin``) is left to the loader."""
+    check_json(folder)
+    if not (folder / INDEX_FILE).is_file() and not (folder / SINGLE_FILE).is_file():
+        error = no_weights(folder)
+        if error is not None:
+            raise error
+        return
+    index = ShardIndex(folder)
+    check_shapes(empty_model(folder, trust_remote_code), index.shapes(), folder / "config.json")
 
 
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ from ..engine.residency.resume import Progress, check_partial
 from ..engine.residency.streaming import ShardStream, build_skeleton
 from ..engine.targets import find_decoder_layers
 from ..errors import ConfigError
-from ..loading.models import ModelLoadError, embedded_model_path, resolve_dtype
+from ..loading.models import ModelLoadError, embedded_model_path, load_tokenizer, resolve_dtype
 from ..loading.shards import INDEX_FILE, ShardIndex, StreamingError, resolve_folder
 from ..runtime.memory import available_memory
 from ..calibration import calibration_tokens
@@ -101,8 +101,6 @@ def prune_streaming(config: PruneConfig, output: str | Path, overwrite: bool = F
     same checkpoint as :func:`llmprune.prune_checkpoint` in memory. The layer shards are written into
     the run's progress folder (:mod:`llmprune.resume`), from which ``resume`` continues an interrupted
     run. Returns the :class:`PruneReport`."""
-    from transformers import AutoTokenizer
-
     check_streamable(config)
     check_output(output, overwrite)
     staging = check_partial(output, resume, overwrite)
@@ -114,7 +112,7 @@ def prune_streaming(config: PruneConfig, output: str | Path, overwrite: bool = F
     layers_name, layers = find_decoder_layers(model)
     stream = ShardStream(index, staging, layers_name, model.dtype)
     stream.set_aside(model, layers)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(folder, config.trust_remote_code)
     t_load = time.perf_counter() - t0
     ids = calib = None
     if needs_calibration(config):  # the tokens first: the tokenizer is not held while the layers are pruned
@@ -138,7 +136,7 @@ def prune_streaming(config: PruneConfig, output: str | Path, overwrite: bool = F
         if config.model is None:
             report.model = f"embedded:{folder}"
         t1 = time.perf_counter()
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
+        tokenizer = tokenizer or load_tokenizer(folder, config.trust_remote_code)
         save_pruned(model, tokenizer, output, report, overwrite=overwrite,
                     write_model=lambda tmp: stream.write_model(model, tmp))
         tracker.discard()  # the layer shards live on in the output (hard links)

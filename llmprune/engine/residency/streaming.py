@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ...loading.integrity import check_json, check_shapes
 from ...loading.models import ModelLoadError, resolve_dtype
 from ...loading.shards import (_DTYPES, INDEX_FILE, ShardIndex, StreamingError, _as_loaded, _persistent_state, _set_tensor,
                                _set_tied)
@@ -59,7 +60,8 @@ def build_skeleton(folder: Path, config: PruneConfig, read_rest: bool = True):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    index = ShardIndex(folder)
+    check_json(folder)
+    index = ShardIndex(folder)  # every header checked against its file, the index against the shards
     cfg = AutoConfig.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
     dtype = resolve_dtype(config.dtype)
     if dtype == "auto":  # as from_pretrained: the config's dtype, else the first floating tensor's
@@ -83,6 +85,7 @@ def build_skeleton(folder: Path, config: PruneConfig, read_rest: bool = True):
             f"{sorted(stored - first)[:1] or sorted(first - stored)[:1]}): transformers converts them on load, "
             "so they cannot be streamed tensor by tensor; run without --low-memory"
         )
+    check_shapes(model, index.shapes(), folder / "config.json")
     missing = []
     for name, t in model.state_dict(keep_vars=True).items():
         if id(t) in inside:
