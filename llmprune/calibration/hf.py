@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..runtime.hub import hub_unreachable
 from .common import CalibrationError
 from .sampling import Docs, record_text
 
 
 def load_hub_dataset(*args: Any, **kwargs: Any) -> Any:
-    """``datasets.load_dataset``; one seam so that tests can simulate an unreachable Hub."""
+    """``datasets.load_dataset``; one seam so that tests can simulate an unreachable Hub. Without a network it
+    fails at once (:func:`~llmprune.runtime.hub.hub_unreachable`), not after the Hub client's retries."""
+    why = hub_unreachable()
+    if why is not None:
+        raise ConnectionError(f"no connection: {why}")
     import datasets
 
     return datasets.load_dataset(*args, **kwargs)

@@ -48,10 +48,9 @@ def local_copy(key: str, data_dir: Path | None) -> Path | None:
 
 def _hub_error(what: str, local: str, data_dir: Path | None, exc: Exception) -> CalibrationError:
     where = f"; the data dir '{data_dir}' has no {local}" if data_dir is not None else ""
-    return CalibrationError(
-        f"could not load {what} from the Hugging Face Hub ({type(exc).__name__}: {exc}): the Hub could not be "
-        f"reached or the dataset is unavailable{where}. To work offline, {DATA_DIR_HINT} (with {local})"
-    )
+    reason = str(exc) if isinstance(exc, ConnectionError) else f"{type(exc).__name__}: {exc}"
+    return CalibrationError(f"could not load {what}: the Hub could not be reached or the dataset is unavailable "
+                            f"({reason}){where}; offline, {DATA_DIR_HINT} (with {local})")
 
 
 def c4_docs(data_dir: str | os.PathLike | None) -> Docs:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..calibration import file_sha256, read_records, resolve_data_dir
 from ..loading.models import cache_dir
+from ..runtime.hub import hub_unreachable, offline_mode
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class TextSource:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return offline_mode()
 
 
 def wikitext2_test_text(data_dir: str | Path | None = None) -> str:
@@ -96,15 +97,12 @@ def _read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
 def c4_unavailable(root: Path | None, hub_error: Exception | None = None) -> DatasetError:
     """Why C4 perplexity cannot run without the Hub, and what to evaluate instead."""
     local = root / C4_LOCAL if root is not None else None
-    why = (f"the data dir's C4 slice ({C4_LOCAL}) is not used for perplexity: it is the offline calibration "
-           "source of 'c4', whose sampler may draw any of its documents, so the perplexity would score "
-           "calibration text; and it is not validation shard 0, so it would compare with nothing published"
-           if local is not None and local.is_file() else "")
-    return DatasetError(
-        f"c4 perplexity needs the Hub (allenai/c4 {C4_HUB_FILE}, the papers' data; "
-        f"{hub_error or 'offline mode is set'}){'; ' + why if why else ''}. Offline, evaluate wikitext2, or "
-        "pass a .txt/.jsonl file of held-out text (never the calibration text)"
-    )
+    why = (f"; the data dir's {C4_LOCAL} is the offline calibration source of 'c4', never scored (nor the papers' "
+           "shard)" if local is not None and local.is_file() else "")
+    reason = (str(hub_error) if isinstance(hub_error, ConnectionError) else
+              f"{type(hub_error).__name__}: {hub_error}" if hub_error else "offline mode is set")
+    return DatasetError(f"c4 perplexity needs the Hub (allenai/c4 {C4_HUB_FILE}) and could not reach it ({reason})"
+                        f"{why}; offline, evaluate wikitext2 or a .txt/.jsonl file of held-out text")
 
 
 def load_text(name: str, data_dir: str | Path | None = None) -> TextSource:
@@ -126,7 +124,7 @@ def load_text(name: str, data_dir: str | Path | None = None) -> TextSource:
                 return TextSource(name, " ".join(rows[:C4_DOCS]), f"hub:allenai/c4/{C4_HUB_FILE}",
                                   max_tokens_windows=C4_WINDOWS)
             except DatasetError as e:
-                hub_error = e
+                hub_error = e.__cause__ or e  # what the Hub answered, not the message wrapped around it
         raise c4_unavailable(root, hub_error)
     path = Path(name).expanduser()
     if path.suffix in (".txt", ".jsonl", ".json"):
@@ -147,6 +145,9 @@ def _hub_rows(path: str, name: str | None, split: str, data_files: dict | None, 
     from datasets import load_dataset
 
     try:
+        why = hub_unreachable()
+        if why is not None:  # fail at once, not after the Hub client's retries
+            raise ConnectionError(f"no connection: {why}")
         if limit is not None and data_files is not None:
             ds = load_dataset(path, name, data_files=data_files, split=split, streaming=True)
             return [r["text"] for _, r in zip(range(limit), ds)]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.hub import hub_offline, hub_unreachable
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"  # how the CLI names the embedded default where a model is expected (eval --compare)
@@ -94,6 +96,26 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
 _TIED_OK = {"lm_head.weight"}  # tied to the input embeddings, legitimately absent from the checkpoint
 
 
+def hub_id_offline(repo_id: str) -> bool:
+    """For a Hub id: True when the Hub cannot be reached but the id is in the local cache (read it from there
+    at once, as ``HF_HUB_OFFLINE=1`` would); False when the Hub answers. Neither: a :class:`ModelLoadError` at
+    once, instead of the Hub client's retries (about 30 s)."""
+    why = hub_unreachable()
+    if why is None:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a valid repo id: the loader's own error says so
+        cached = None
+    if isinstance(cached, str):
+        log.info("the Hub cannot be reached (%s): %s read from the local cache", why, repo_id)
+        return True
+    raise ModelLoadError(f"could not load model {repo_id!r}: the Hub cannot be reached ({why}) and it is not in the "
+                         "local cache; pass a local folder, or load it once with a network")
+
+
 def load_pretrained(
     model: str | None = None,
     dtype: str = "auto",
@@ -117,8 +139,11 @@ def load_pretrained(
     tok = load_tokenizer(source, trust_remote_code) if local.is_dir() else None
     kwargs = dict(dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
     kwargs["use_safetensors"] = None if allow_pickle else True
+    if not local.is_dir():
+        kwargs["local_files_only"] = hub_id_offline(source)
     try:
-        m, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+        with hub_offline(kwargs.get("local_files_only", False)):
+            m, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     except OSError as e:
         msg = str(e)
         if not allow_pickle and ("safetensors" in msg or "pytorch_model.bin" in msg):
@@ -146,7 +171,7 @@ def load_pretrained(
             "(AutoModelForCausalLM), give such a checkpoint"
         )
     if tok is None:
-        tok = load_tokenizer(source, trust_remote_code)
+        tok = load_tokenizer(source, trust_remote_code, local_files_only=kwargs.get("local_files_only", False))
     return m, tok, source
 
 
@@ -155,13 +180,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "merges.txt", "spiece.model")
 
 
-def load_tokenizer(source: str | Path, trust_remote_code: bool = False):
+def load_tokenizer(source: str | Path, trust_remote_code: bool = False, local_files_only: bool = False):
     """``AutoTokenizer.from_pretrained(source)``; a folder without tokenizer files, or whose files transformers
-    cannot read, is a :class:`ModelLoadError` naming the folder and the fix."""
+    cannot read, is a :class:`ModelLoadError` naming the folder and the fix. ``local_files_only``: a Hub id read
+    from the local cache (:func:`hub_id_offline`)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+        with hub_offline(local_files_only):
+            return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code,
+                                                 local_files_only=local_files_only)
     except (OSError, ValueError) as e:
         local = Path(source).expanduser()
         if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES) \

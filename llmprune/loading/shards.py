@@ -16,7 +16,8 @@ from torch import nn
 from ..errors import ConfigError
 from .integrity import (AGAIN, CheckpointFileError, check_json, check_shapes, empty_model, no_weights, read_header,
                         read_json)
-from .models import ModelLoadError, embedded_model_path
+from ..runtime.hub import hub_offline
+from .models import ModelLoadError, embedded_model_path, hub_id_offline
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,10 @@ def resolve_folder(model: str | None, trust_remote_code: bool = False) -> Path:
         raise ModelLoadError(f"model {model!r} is not a folder; give a Hub id or a folder with config.json")
     from huggingface_hub import snapshot_download
 
+    offline = hub_id_offline(model)  # no network: the cached snapshot, or an error at once
     try:
-        return Path(snapshot_download(model, allow_patterns=HUB_PATTERNS))
+        with hub_offline(offline):
+            return Path(snapshot_download(model, allow_patterns=HUB_PATTERNS, local_files_only=offline))
     except Exception as e:  # network, auth, unknown repo: all say the same to the user
         raise ModelLoadError(f"could not download {model!r} from the Hub ({type(e).__name__}: {e}); check the id, "
                              "or pass a local folder") from e
