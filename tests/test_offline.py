@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from conftest import byte_tokenizer, make_tiny_model
 
-from llmprune.loading.models import ModelLoadError, load_pretrained
 from llmprune.runtime.hub import hub_unreachable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,12 +49,19 @@ def test_a_run_that_needs_the_hub_fails_at_once_with_one_line(no_hub, tmp_path, 
 
 
 def test_a_cached_hub_id_is_read_from_the_cache(no_hub, tmp_path):
+    """In a fresh process: the Hub libraries read their cache location once, when imported."""
     snapshot = tmp_path / "hub-cache" / "models--some-org--tiny" / "snapshots" / "0123abcd"
     make_tiny_model("llama").save_pretrained(snapshot)
     byte_tokenizer().save_pretrained(snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
-    model, tok, source = load_pretrained("some-org/tiny")
-    assert source == "some-org/tiny" and model.config.model_type == "llama"
-    with pytest.raises(ModelLoadError, match="not in the local cache"):
-        load_pretrained("some-org/elsewhere")
+    code = ("from llmprune.loading.models import ModelLoadError, load_pretrained\n"
+            "model, tok, source = load_pretrained('some-org/tiny')\n"
+            "print('LOADED', source, model.config.model_type)\n"
+            "try:\n    load_pretrained('some-org/elsewhere')\nexcept ModelLoadError as e:\n    print('REFUSED', e)\n")
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**no_hub, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert "LOADED some-org/tiny llama" in res.stdout, res.stderr[-2000:]
+    assert "REFUSED" in res.stdout and "not in the local cache" in res.stdout
+    assert "Retrying" not in res.stderr and time.perf_counter() - t0 < 30  # no request at all
