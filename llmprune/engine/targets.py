@@ -43,22 +43,38 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def _towers(model: nn.Module) -> list[str]:
+    """Names of the sub-models built from a config other than the model's own or its text config: the vision
+    and audio towers of a multimodal model, whose layers a text forward never calls."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "get_text_config"):
+        return []
+    text = {type(cfg), type(cfg.get_text_config())}
+    return [name for name, mod in model.named_modules()
+            if name and hasattr(mod, "base_model_prefix") and getattr(mod, "config", None) is not None
+            and type(mod.config) not in text]
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of decoder layers: the ModuleList of same-class blocks holding the most parameters."""
-    best, best_size = None, 0
+    """The model's stack of decoder layers: the ModuleList holding the most parameters (of blocks of one
+    class on a tie), outside the vision and audio towers of a multimodal model (:func:`_towers`) when there
+    is one. Its blocks may be of several classes (Jamba's attention and Mamba layers, Zamba 2's hybrid
+    layers): each layer is replayed with its own recorded call."""
+    towers = _towers(model)
+    found = []  # (size, one class, outside the towers, (name, list))
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            if len({type(m) for m in mod}) != 1:
-                continue
             size = sum(p.numel() for p in mod.parameters())
-            if size > best_size:
-                best, best_size = (name, mod), size
-    if best is None:
+            if size > 0:
+                found.append((size, len({type(m) for m in mod}) == 1, not any(_inside(name, t) for t in towers),
+                              (name, mod)))
+    outside = [f for f in found if f[2]] or found
+    if not outside:
         raise ValueError(
             f"no stack of decoder layers found in {type(model).__name__}; llmprune expects a causal LM "
             "whose blocks sit in an nn.ModuleList (model.layers, transformer.h, ...)"
         )
-    return best
+    return max(outside, key=lambda f: (f[0], f[1]))[3]  # the first of the largest
 
 
 def _is_conv1d(mod: nn.Module) -> bool:
@@ -178,7 +194,7 @@ def _expert_count(mod: nn.Module) -> int | None:
                 return v
     if isinstance(mod, nn.ModuleList):
         return len(mod)
-    deep = [p for p in mod.parameters(recurse=False) if p.dim() >= 3]
+    deep = [p for p in mod.parameters(recurse=False) if p.dim() >= 3 and _matrix(p)]
     return deep[0].shape[0] if deep else None
 
 
@@ -196,12 +212,19 @@ def _expert_containers(layer: nn.Module) -> dict[str, int | None]:
     for name, mod in layer.named_modules():
         if not name or any(_inside(name, c) for c in deep):
             continue
-        if not isinstance(mod, nn.modules.conv._ConvNd) and any(p.dim() >= 3 for p in mod.parameters(recurse=False)):
+        if not isinstance(mod, nn.modules.conv._ConvNd) and any(p.dim() >= 3 and _matrix(p)
+                                                                 for p in mod.parameters(recurse=False)):
             deep[name] = _expert_count(mod)
         elif name.rsplit(".", 1)[-1] == "experts" and not any(_inside(name, c) for c in named):
             named[name] = _expert_count(mod)
     named = {n: E for n, E in named.items() if not any(_inside(d, n) for d in deep)}
     return deep | named
+
+
+def _matrix(p: torch.Tensor) -> bool:
+    """A weight with at least two dimensions of more than one entry; ``[1, 1, H]`` mixing coefficients
+    (RWKV's ``time_mix_*``) and ``[1, 1, h, 1]`` decays (Kimi's ``A_log``) are vectors, never targets."""
+    return sum(d > 1 for d in p.shape) >= 2
 
 
 def _weight_2d(mod: nn.Module) -> bool:
@@ -246,7 +269,7 @@ def _loose_params(mod: nn.Module) -> list[tuple[str, nn.Parameter]]:
         if isinstance(sub, nn.Linear) or _is_conv1d(sub):
             continue
         for n, p in sub.named_parameters(recurse=False):
-            if p.dim() >= 2:
+            if p.dim() >= 2 and _matrix(p):
                 out.append((f"{sub_name}.{n}" if sub_name else n, p))
     return out
 
