@@ -16,7 +16,7 @@ from ..loading.integrity import check_json, check_shapes, empty_model, read_head
 from ..loading.shards import check_checkpoint
 from ..steps.eora import retarget_adapter
 from .card import write_card
-from .folder import staging
+from .folder import staged
 from .format import (COMPRESSED_WEIGHTS, DENSE_INDEX, DENSE_WEIGHTS, LAYOUT_FORMAT, LAYOUT_KEY, LAYOUT_VERSION,
                      COMPRESSED_MODEL_TYPE, CompressedFormatError, encode, is_compressed, iter_decoded, layout_of,
                      parse_pattern, read_config, stored_keys)
@@ -180,16 +180,12 @@ def compress(src: str | Path, dst: str | Path, *, pattern: str | None = None, ov
         raise CompressedFormatError(f"{str(src)!r} is already compressed; nothing to do")
     _dense_shards(src)  # fail before creating anything
     check_checkpoint(src)
-    tmp, finish = staging(Path(dst).expanduser(), overwrite)
-    try:
+    out = Path(dst).expanduser()
+    with staged(out, overwrite) as tmp:
         _copy_other_files(src, tmp, lambda n: n.startswith("."))
         compress_in_place(tmp, pattern)
         _refresh_card(tmp)
         _retarget_adapter(tmp, dst)
-        out = finish()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote compressed checkpoint %s", out)
     return out
 
@@ -205,8 +201,8 @@ def decompress(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> 
     if layout is None:
         raise CompressedFormatError(f"{str(src)!r} is not compressed; it already loads with transformers")
     check_compressed(src, config)  # fail before creating anything
-    tmp, finish = staging(Path(dst).expanduser(), overwrite)
-    try:
+    out = Path(dst).expanduser()
+    with staged(out, overwrite) as tmp:
         files = set(layout["files"])
         _copy_other_files(src, tmp, lambda n: n.startswith(".") or n in files or n == "config.json")
         by_file: dict[str, dict[str, torch.Tensor]] = {}
@@ -230,9 +226,5 @@ def decompress(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> 
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _refresh_card(tmp)
         _retarget_adapter(tmp, dst)
-        out = finish()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote dense checkpoint %s", out)
     return out

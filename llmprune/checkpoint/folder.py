@@ -6,10 +6,11 @@ half-written. The files get the modes a plain file creation gets under the proce
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 REPORT_FILE = "llmprune_report.json"
@@ -67,14 +68,16 @@ def _umask_permissions(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~mask)
 
 
-def staging(dst: Path, overwrite: bool) -> tuple[Path, Callable[[], Path]]:
-    """A temporary sibling folder of ``dst`` to write into, and a function that moves it into place
-    (after giving its files the umask's modes); ``dst`` is checked first (:func:`check_output`)."""
+@contextlib.contextmanager
+def staged(dst: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling folder of ``dst`` to write into (``dst`` checked first: :func:`check_output`). When
+    the block ends, its files get the umask's modes and it takes ``dst``'s place; when the block raises
+    (Ctrl-C included), it is removed and ``dst`` stays as it was."""
     dst = check_output(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-
-    def finish() -> Path:
+    try:
+        yield tmp
         _umask_permissions(tmp)
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
@@ -83,6 +86,6 @@ def staging(dst: Path, overwrite: bool) -> tuple[Path, Callable[[], Path]]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(dst)
-        return dst
-
-    return tmp, finish
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from ..report import EVAL_FILE, PERMUTATIONS_FILE, PruneReport
 from ..steps.eora import save_adapter
 from .card import write_card
 from .compressed import compress_in_place
-from .folder import REPORT_FILE, staging
+from .folder import REPORT_FILE, staged
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +78,10 @@ def _write_loaded(model, tokenizer, tmp: Path) -> None:
 def _write(output: str | Path, overwrite: bool, fill: Callable[[Path], None], save_format: str) -> Path:
     """Run ``fill(tmp)`` on a temporary sibling folder of ``output``, finish it (format, model card) and
     rename it into place; on any failure remove it and leave ``output`` as it was."""
-    tmp, finish = staging(Path(output).expanduser(), overwrite)
-    try:
+    out = Path(output).expanduser()
+    with staged(out, overwrite) as tmp:
         fill(tmp)
         finish_checkpoint(tmp, save_format)  # compressed format, model card
-        out = finish()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("saved pruned model to %s", out)
     return out
 
