@@ -65,3 +65,54 @@ def test_shards_are_contiguous_blocks_and_too_few_windows_are_refused():
     assert torch.equal(Collective(1, 2).shard(torch.zeros(1, 1, dtype=torch.long)), torch.zeros(1, 1))
     with pytest.raises(DistributedError, match="--nsamples 3"):
         Collective(0, 3).shard(ids[:2])
+
+
+KILL_RANK_1 = """
+import os, signal, sys
+import llmprune.engine.residency.offload as offload
+
+real = offload.DiskOffloader.release
+
+def release(self, index, layer):
+    real(self, index, layer)
+    if index == 0 and os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)  # one rank dies after the first layer
+
+offload.DiskOffloader.release = release
+from llmprune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_rank_ends_the_run_and_leaves_nothing(tmp_path):
+    """Under torchrun, SIGKILL of one rank mid-run: the run ends (no hang), the other rank says so in one line,
+    nothing is written, and the only scratch folder left is the killed rank's, which --overwrite removes."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from test_stream import _save_tiny
+
+    from llmprune.engine.residency.resume import leftovers
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    src = _save_tiny("llama", tmp_path / "src", num_hidden_layers=4)
+    (src / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    script = tmp_path / "kill_rank_1.py"
+    script.write_text(KILL_RANK_1)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(script), "prune", str(src),
+                          "--method", "sparsegpt", "--calib", str(src / "calib.txt"), "--nsamples", "4", "--seqlen",
+                          "16", "--device", "cpu", "--output", str(out), "-q"], env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode != 0, res.stderr[-2000:]
+    assert "llmprune: error: rank 0 lost the other processes while" in res.stderr, res.stderr[-3000:]
+    assert not out.exists() and len(leftovers(out)) == 1  # rank 1's offload: a SIGKILL runs no clean-up
+    from llmprune.engine.residency.resume import check_partial
+
+    check_partial(out, resume=False, overwrite=True)  # what the next run with --overwrite does first
+    assert leftovers(out) == []

@@ -152,3 +152,29 @@ def test_a_signal_leaves_only_the_progress_and_says_so(src, tmp_path, sig, code,
     assert subprocess.run([sys.executable, "-m", "llmprune.cli", *args, "--resume"], env=env, capture_output=True,
                           text=True, timeout=180).returncode == 0
     assert out.is_dir() and not partial_folder(out).exists()
+
+
+def test_a_full_disk_while_saving_keeps_the_progress_and_says_so(src, tmp_path, monkeypatch, capsys):
+    """ENOSPC in the middle of writing the checkpoint: one line, no half-written output, and --resume after
+    freeing space restores every layer and only saves."""
+    import errno
+
+    import transformers.modeling_utils as modeling
+
+    from llmprune.cli import main
+
+    real = modeling.safe_save_file
+
+    def full(tensors, filename, *a, **kw):  # save_pretrained writing the output's weights: the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(modeling, "safe_save_file", full)
+    out = tmp_path / "out"
+    args = ["prune", str(src), "--method", "sparsegpt", "--calib", str(src / "calib.txt"), "--nsamples", "4",
+            "--seqlen", "16", "--device", "cpu", "--output", str(out), "-q"]
+    assert main(args) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("llmprune: error: no space left on the device") and "--resume" in line
+    assert not out.exists() and leftovers(out) == []  # nothing half-written, no scratch folder
+    monkeypatch.setattr(modeling, "safe_save_file", real)
+    assert main([*args, "--resume"]) == 0 and out.is_dir() and not partial_folder(out).exists()

@@ -10,6 +10,7 @@ imported at the top of this module loads torch.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from .commands import COMMANDS, USER_ERRORS, cmd_prune, interrupted  # lazy start-up: after the policy
+    from .commands import COMMANDS, RUN_ERRORS, USER_ERRORS, cmd_prune, interrupted  # after the policy
 
     sync_torch()  # torch is loaded now: make its thread count match the policy's
     try:
@@ -142,6 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:  # bad input (a setting, a file, a model, a dataset): one line, exit 2
         print(f"llmprune: error: {e}", file=sys.stderr)
         return 2
+    except RUN_ERRORS as e:
+        print(f"llmprune: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"llmprune: error: no space left on the device ({e.filename or 'while writing'}); free some and run "
+              f"again: {interrupted(ns)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
         print(f"llmprune: {what}; {interrupted(ns)}", file=sys.stderr)

@@ -16,6 +16,7 @@ from ..checkpoint.hub import PushError
 from ..checkpoint.load import LoadError, load_model
 from ..config import PruneConfig, recipe_summaries
 from ..engine.capture import resolve_device
+from ..engine.residency.distributed import DistributedError
 from ..engine.residency.resume import describe_partial
 from ..errors import ConfigError
 from ..evaluation import compare_chart, compare_table, evaluate, save_all
@@ -27,6 +28,8 @@ from .parser import config_from_args, eval_config_from_args
 # Errors of bad input, answered with one line and exit 2: every ValueError (ConfigError, CalibrationError,
 # DatasetError, TaskError, ...) and the loaders' and writers' own.
 USER_ERRORS = (ValueError, OutputExistsError, ModelLoadError, LoadError, PushError)
+# Faults of the run's environment, answered with one line and exit 1: a process of a torchrun group died.
+RUN_ERRORS = (DistributedError,)
 
 
 def cmd_prune(ns: argparse.Namespace, heap_for_streaming) -> int:

@@ -22,9 +22,11 @@ progress saving for ``--resume``, which are single-process features for now.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -67,6 +69,21 @@ def setup(device: str = "auto") -> tuple[int, int]:
     return rank, size
 
 
+@contextlib.contextmanager
+def _peers(rank: int, what: str) -> Iterator[None]:
+    """A collective whose peer died (killed, out of memory) fails in gloo or nccl with a RuntimeError: said as a
+    :class:`DistributedError` naming this rank and the step, so the run stops with one line."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, DistributedError):
+            raise
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise DistributedError(f"rank {rank} lost the other processes while {what} ({first.strip()[:200]}); "
+                               "another rank has probably died: see its log, then run again (nothing was "
+                               "written)") from e
+
+
 class Collective:
     """The engine's collectives: sharding of the calibration windows, sums of input statistics, and the
     check that every rank pruned every module alike. Counts what it sends (``bytes``, ``seconds``)."""
@@ -100,18 +117,19 @@ class Collective:
             return
         stats._reduced = True
         t0 = time.perf_counter()
-        n = torch.tensor([float(stats.n)], dtype=torch.float64)
-        dist.all_reduce(n)
-        stats.n = int(n.item())
-        for name in ("sq", "sum"):
-            t = getattr(stats, name)
-            if t is not None:
-                dist.all_reduce(t)
-                self.bytes += t.numel() * t.element_size()
-        if stats._H is not None:
-            H = stats.H  # symmetric: the ranks' partial upper triangles mirrored first
-            dist.all_reduce(H)
-            self.bytes += H.numel() * H.element_size()
+        with _peers(self.rank, "summing the input statistics"):
+            n = torch.tensor([float(stats.n)], dtype=torch.float64)
+            dist.all_reduce(n)
+            stats.n = int(n.item())
+            for name in ("sq", "sum"):
+                t = getattr(stats, name)
+                if t is not None:
+                    dist.all_reduce(t)
+                    self.bytes += t.numel() * t.element_size()
+            if stats._H is not None:
+                H = stats.H  # symmetric: the ranks' partial upper triangles mirrored first
+                dist.all_reduce(H)
+                self.bytes += H.numel() * H.element_size()
         stats.cache = {}
         self.seconds += time.perf_counter() - t0
 
@@ -121,7 +139,8 @@ class Collective:
 
         t0 = time.perf_counter()
         everyone: list[dict[str, str] | None] = [None] * self.size
-        dist.all_gather_object(everyone, masks)
+        with _peers(self.rank, f"comparing the masks of layer {index}"):
+            dist.all_gather_object(everyone, masks)
         self.seconds += time.perf_counter() - t0
         for r, other in enumerate(everyone):
             if other != masks:
