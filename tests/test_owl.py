@@ -77,6 +77,14 @@ def test_band_is_clipped_to_valid_sparsities():
     assert _wmean(S, [1, 3]) == pytest.approx(0.05, abs=1e-9)
 
 
+def test_no_layer_is_emptied():
+    """A band reaching 1 (0.95 ± 0.08) stops at 0.99: every layer keeps weights, and the mean is still met."""
+    sizes = [1, 1, 1, 1]
+    S = owl_sparsities([0.0, 0.1, 0.5, 1.0], sizes, 0.95, 0.08)
+    assert max(S) <= 0.99 and min(S) >= 0.87 and _wmean(S, sizes) == pytest.approx(0.95, abs=1e-9)
+    assert owl_sparsities([0.0, 1.0], [1, 1], 0.995, 0.08) == pytest.approx([0.995, 0.995])  # target above the cap
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("equal_sizes", [True, False])
 def test_nm_allocation(seed, equal_sizes):

@@ -26,7 +26,8 @@ moves N by ±1). We follow ``2λ``, the paper's band.
 Deviations from the reference:
 
 - ``c`` is found by bisection so that the mean weighted by layer size (number of pruned weights)
-  is exactly ``S``, with every ``S_ℓ`` clamped into ``[S − λ, S + λ] ∩ [0, 1]``. The reference
+  is exactly ``S``, with every ``S_ℓ`` clamped into ``[S − λ, S + λ] ∩ [0, 0.99]`` (``MAX_LAYER_SPARSITY``,
+  so every layer keeps weights; a target above it stays the ceiling). The reference
   subtracts the unweighted mean over layers (``c = S + 2λ·mean(u)``, which we reproduce when layers
   have equal sizes and no clamp applies); its overall sparsity is off when layer sizes differ, and
   its ``S_ℓ`` leave the band when ``mean(u) ≠ 1/2`` (it only clamps ``S_ℓ ≤ 0`` to 0.01).
@@ -71,8 +72,13 @@ def layer_outlier_ratio(modules: list[ObservedModule], M: float) -> float:
     return outliers / count
 
 
+# No layer is given more than this sparsity (unless the target itself is higher): a band that reached 1 could
+# empty a layer. At the paper's settings the band never gets near it (70 % ± 0.08: at most 78 %).
+MAX_LAYER_SPARSITY = 0.99
+
+
 def _band(sparsity: float, lam: float) -> tuple[float, float]:
-    return max(sparsity - lam, 0.0), min(sparsity + lam, 1.0)
+    return max(sparsity - lam, 0.0), min(sparsity + lam, max(sparsity, MAX_LAYER_SPARSITY))
 
 
 def owl_sparsities(ratios: list[float], sizes: list[int], sparsity: float, lam: float) -> list[float]:
