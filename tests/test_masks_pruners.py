@@ -441,3 +441,20 @@ def test_sparsegpt_act_order_is_a_no_op_when_the_diagonal_is_already_sorted():
     a = SparseGPT(blocksize=8, act_order=True).prune(W, st, 0.5, (2, 4))
     b = SparseGPT(blocksize=8, act_order=False).prune(W, st, 0.5, (2, 4))
     assert torch.equal(a.M, b.M) and torch.allclose(a.W, b.W)
+
+
+def test_the_triangular_inverse_keeps_nothing():
+    """No cache holds a layer's factor or its inverse after the call (a stray memoisation once kept every
+    Hessian factor of a run alive: +750 MB on the embedded model)."""
+    import gc
+    import weakref
+
+    from llmprune.pruners.sparsegpt import _lower_inverse
+
+    L = torch.linalg.cholesky(torch.eye(16) * 2 + 0.1)  # [16, 16] lower
+    ref = weakref.ref(L)
+    inv = _lower_inverse(L)
+    torch.testing.assert_close(inv @ L, torch.eye(16), rtol=1e-5, atol=1e-5)
+    del L, inv
+    gc.collect()
+    assert ref() is None

@@ -87,7 +87,6 @@ def _combinations(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, t
     return masks.to(device), idx.to(device)
 
 
-@functools.cache
 def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
     """``L⁻¹`` of a lower-triangular ``L``: LAPACK's triangular inverse (``trtri``, a third of the
     flops of a triangular solve against the identity) on the CPU when SciPy has it, else a solve."""

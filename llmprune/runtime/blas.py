@@ -6,6 +6,7 @@ import contextlib
 import functools
 
 
+@functools.cache
 def scipy_blas_single_thread() -> contextlib.AbstractContextManager:
     """A context in which SciPy's OpenBLAS runs on the calling thread only.
 
