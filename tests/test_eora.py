@@ -55,6 +55,18 @@ def test_the_correction_is_the_eigenspace_low_rank_approximation(sparsity, nm):
     assert lr.error_after == pytest.approx(after / ref, rel=1e-3)
 
 
+def test_the_factors_share_the_scale():
+    """B = U_r Σ_r^½ and A = Σ_r^½ V_rᵀ L⁻¹: column i of B and row i of A L both have norm √σ_i."""
+    W, X, stats = make_layer(1, out=24, cols=32)
+    res = SparseGPT().prune(W, stats, 0.5, None)
+    eora = EoRA(rank=6, damp=0.0)
+    lr = eora.compensate(W, res.W, stats)
+    L = eora.factor(stats)  # [in, in]
+    sigma = torch.linalg.svdvals((W - res.W) @ L)[:6]  # [r]
+    torch.testing.assert_close(lr.B.norm(dim=0), sigma.sqrt(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close((lr.A @ L).norm(dim=1), sigma.sqrt(), rtol=1e-4, atol=1e-6)
+
+
 def test_rank_and_budget():
     assert EoRA(rank=8).rank_of(576, 1536) == 8
     assert EoRA(rank=8000).rank_of(64, 128) == 64  # at most the smaller dimension

@@ -5,8 +5,12 @@ LLM with Eigenspace Low-Rank Approximation", arXiv:2410.21271).
 Per pruned module, the pruning error ``ΔW = W − Ŵ [out, in]`` is approximated at rank ``r`` in the
 norm that matters for the outputs, ``‖ΔW X‖_F`` (``H = XᵀX``), not in the plain Frobenius norm:
 with ``H = Q Λ Qᵀ`` the paper projects ``ΔW' = ΔW Q'`` (``Q' = Q √Λ``), truncates the SVD
-``ΔW' ≈ U_r Σ_r V_rᵀ`` and projects back: ``B = U_r Σ_r [out, r]``, ``A = V_rᵀ Q'⁻¹ [r, in]``, so
-``W ≈ Ŵ + B A`` — a LoRA pair with scale 1 (``lora_alpha = r``).
+``ΔW' ≈ U_r Σ_r V_rᵀ`` and projects back: ``B A`` with ``B = U_r Σ_r^½ [out, r]`` and
+``A = Σ_r^½ V_rᵀ Q'⁻¹ [r, in]``, so ``W ≈ Ŵ + B A`` — a LoRA pair with scale 1 (``lora_alpha = r``).
+The paper's code puts all of ``Σ_r`` on ``B``; the product is the same (up to rounding), but split
+evenly the two factors have the same scale, which is what LoRA fine-tuning of the adapter expects (with
+``Σ_r`` on ``B`` alone, ``A``'s rows have unit norm in the ``Q'`` metric and ``B`` carries every
+magnitude, so one learning rate suits neither).
 
 Any square root of ``H`` gives the same ``B`` and ``A``: with the Cholesky factor ``H = L Lᵀ``,
 ``Q' = L O`` for an orthogonal ``O``, the singular values of ``ΔW L`` are those of ``ΔW Q'`` and
@@ -121,8 +125,9 @@ class EoRA(Compensator):
         dW = W.float() - W_hat.float()  # [out, in]  ΔW
         P = dW @ L  # [out, in]  ΔW projected: ‖P‖_F = ‖ΔW X‖_F / sqrt(n)
         U, S, Vh = torch.linalg.svd(P, full_matrices=False)  # [out, k], [k], [k, in]
-        B = U[:, :r] * S[:r]  # [out, r]  U_r Σ_r
-        A = torch.linalg.solve_triangular(L, Vh[:r], upper=False, left=False)  # [r, in]  V_rᵀ L⁻¹ (A L = V_rᵀ)
+        root = S[:r].sqrt()  # [r]  Σ_r^½: one half of the scale on each factor
+        B = U[:, :r] * root  # [out, r]  U_r Σ_r^½
+        A = torch.linalg.solve_triangular(L, Vh[:r], upper=False, left=False) * root[:, None]  # [r, in]  Σ_r^½ V_rᵀ L⁻¹
         ref = float((W.float() @ L).norm())  # ‖W X‖_F / sqrt(n)
         total = float(S.pow(2).sum())
         rest = float(S[r:].pow(2).sum())
