@@ -45,6 +45,9 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_prune import machine  # noqa: E402  (one machine line for every benchmark)
+
 import llmprune
 from llmprune.engine import UnsupportedModelError, capture_layer_inputs, find_decoder_layers, inference_state
 
@@ -541,22 +544,10 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _machine() -> str:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}"
-
-
 def write_results(records: list[dict], out_md: Path, command: str, wall: float, jobs: int, timeout: float) -> None:
     counts = {s: sum(r["status"] == s for r in records) for s in ("works", "refused", "fails", "skipped")}
     meta = {"command": command, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": _machine(), **_versions(), "jobs": jobs, "timeout_s": timeout, "wall_s": round(wall, 1),
+            "machine": machine(), **_versions(), "jobs": jobs, "timeout_s": timeout, "wall_s": round(wall, 1),
             "protocol": {"method": "wanda", "sparsity": SPARSITY, "nsamples": NSAMPLES, "seqlen": SEQLEN,
                          "vocab": VOCAB, "seed": 0},
             "counts": counts}
