@@ -262,15 +262,16 @@ def calibration_tokens(config, model, tokenizer, calibration: Any = None) -> tup
         source, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=config.seed,
         data_dir=config.data_dir, text_field=config.text_field, model=model,
     )
-    if unset and is_pretokenized(source) and given is not None:
-        warn_if_few(ids, describe_source(source))
+    name = describe_source(source, config.data_dir)
+    if given is not None:  # used as given
+        warn_if_few(ids, name)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(emb, "num_embeddings", None)
     if vocab is not None and ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
         bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
-        raise CalibrationError(f"calibration token id {bad} of {describe_source(source, config.data_dir)} is outside "
-                               f"the model's vocabulary (ids 0..{vocab - 1}); tokenize with the model's own tokenizer")
-    desc = {"source": describe_source(source, config.data_dir),
+        raise CalibrationError(f"calibration token id {bad} of {name} is outside the model's vocabulary "
+                               f"(ids 0..{vocab - 1}); tokenize with the model's own tokenizer")
+    desc = {"source": name,
             "data_sha256": source_fingerprint(source, config.data_dir),
             "windows_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
             "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": config.seed}

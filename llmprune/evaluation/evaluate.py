@@ -11,8 +11,9 @@ from typing import Any
 from ..activation.apply import installed
 from ..calibration import resolve_data_dir
 from ..loading.models import effective_seqlen
+from ..runtime.hub import offline_mode
 from .config import EvalConfig
-from .perplexity import PPL_DATASETS, DatasetError, _hub_offline, c4_unavailable, dataset_perplexity
+from .perplexity import PPL_DATASETS, DatasetError, c4_unavailable, dataset_perplexity
 from .results import EvalResults
 from .tasks import check_tasks, resolve_task_source, run_tasks, task_manager
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 def preflight(cfg: EvalConfig) -> None:
     """Fail before any long work on a perplexity file that does not exist or an unknown task."""
 
-    if "c4" in cfg.ppl and _hub_offline():  # refused offline: fail before pruning, not after
+    if "c4" in cfg.ppl and offline_mode():  # refused offline: fail before pruning, not after
         raise c4_unavailable(resolve_data_dir(cfg.data_dir))
     for ds in cfg.ppl:
         if ds not in PPL_DATASETS:

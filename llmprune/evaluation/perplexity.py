@@ -77,10 +77,6 @@ class TextSource:
     sha256: str | None = None  # of the local file read
 
 
-def _hub_offline() -> bool:
-    return offline_mode()
-
-
 def wikitext2_test_text(data_dir: str | Path | None = None) -> str:
     """WikiText-2 raw test split joined with ``"\\n\\n"``: local copy first, else the Hub."""
     return load_text("wikitext2", data_dir).text
@@ -118,7 +114,7 @@ def load_text(name: str, data_dir: str | Path | None = None) -> TextSource:
         return TextSource(name, "\n\n".join(rows), "hub:wikitext/wikitext-2-raw-v1:test")
     if name == "c4":
         hub_error = None
-        if not _hub_offline():
+        if not offline_mode():
             try:
                 rows = _hub_rows("allenai/c4", None, "validation", {"validation": C4_HUB_FILE}, root, None, limit=C4_DOCS)
                 return TextSource(name, " ".join(rows[:C4_DOCS]), f"hub:allenai/c4/{C4_HUB_FILE}",
