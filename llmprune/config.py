@@ -30,6 +30,7 @@ from .steps.admm import ADMMOptions
 from .steps.dsnot import DSnoTOptions
 from .steps.eora import EoRAOptions
 from .steps.owl import OWLOptions
+from .structured.options import DIMENSIONS, StructureOptions
 
 __all__ = ["ConfigError", "EvalConfig", "PruneConfig", "parse_pattern", "recipe_path", "recipe_summaries"]
 
@@ -119,9 +120,9 @@ class _Core(Settings):
 # a method's `options` are its model's fields, so option_owners() cannot drift from them. pydantic orders
 # inherited fields from the last base to the first, then the class's own: the bases are listed in reverse so the
 # keys (model_dump, config.json, to_yaml, --help, "valid keys" errors) keep their order: core, SparseGPT, RIA,
-# DSnoT, ALPS, ADMM, EoRA, OWL, activation, then engine, eval, save format.
-class PruneConfig(ActivationOptions, OWLOptions, EoRAOptions, ADMMOptions, ALPSOptions, DSnoTOptions, RIAOptions,
-                  SparseGPTOptions, _Core):
+# DSnoT, ALPS, ADMM, EoRA, OWL, activation, structured removal, then engine, eval, save format.
+class PruneConfig(StructureOptions, ActivationOptions, OWLOptions, EoRAOptions, ADMMOptions, ALPSOptions,
+                  DSnoTOptions, RIAOptions, SparseGPTOptions, _Core):
     """What to prune, how, and with which calibration data."""
 
     # Engine
@@ -184,13 +185,21 @@ class PruneConfig(ActivationOptions, OWLOptions, EoRAOptions, ADMMOptions, ALPSO
         if isinstance(data, dict) and data.get("activation") not in (None, "none", "") and not any(
                 data.get(k) is not None for k in ("method", "sparsity", "pattern")):
             data = {**data, "method": "none"}
+        if isinstance(data, dict) and any(data.get(k) for k in (*DIMENSIONS, "structure_budget")) and not any(
+                data.get(k) is not None for k in ("method", "sparsity", "pattern")):
+            data = {**data, "method": "none"}  # structured removal alone
         if isinstance(data, dict) and data.get("activation") in ("none", ""):
             data = {**data, "activation": None}
         return data
 
     @model_validator(mode="after")
     def _check_activation(self) -> PruneConfig:  # after ActivationOptions' own check (stray activation_*)
-        if self.activation is None and self.method == "none":
+        if self.structured:
+            self._check_structured()
+        elif self.structure is not None:
+            raise ValueError(f"structure {self.structure!r} chooses which heads and channels go, but no removal is asked "
+                             "for; add e.g. --remove-channels 0.25, --remove-heads 3 or --structure-budget 0.25")
+        if self.activation is None and self.method == "none" and not self.structured:
             raise ValueError("method 'none' prunes nothing and no activation sparsity is asked for; choose a "
                              "method (e.g. sparsegpt) or add --activation teal")
         if self.method == "none":
@@ -200,6 +209,23 @@ class PruneConfig(ActivationOptions, OWLOptions, EoRAOptions, ADMMOptions, ALPSO
                 raise ValueError(f"method 'none' leaves the weights dense, but {', '.join(used) or 'pattern'} "
                                  "prunes them; choose a method (e.g. --method sparsegpt) or remove it")
         return self
+
+    def _check_structured(self) -> None:
+        if self.method != "none":
+            raise ValueError(f"structured removal writes a smaller dense model and runs alone, but method "
+                             f"{self.method!r} is also given; prune the smaller model it writes in a second run "
+                             "(llmprune prune OUT --method ...), or drop --method")
+        if self.activation is not None:
+            raise ValueError("structured removal runs alone; calibrate activation sparsity on the smaller model it "
+                             "writes in a second run (llmprune prune OUT --activation ...)")
+        if self.low_memory:
+            raise ValueError("structured removal holds the model in memory; --low-memory (streaming from the shards) "
+                             "is not supported with it yet: drop --low-memory")
+
+    @field_validator("structure")
+    @classmethod
+    def _check_structure(cls, v: str | None) -> str | None:
+        return None if v in (None, "none", "") else _registered("structure", v)
 
     @field_validator("refine", "allocation", "reconstruct", "compensate")
     @classmethod
@@ -323,7 +349,8 @@ class PruneConfig(ActivationOptions, OWLOptions, EoRAOptions, ADMMOptions, ALPSO
     def selected_methods(self) -> set[str]:
         """The registered methods this config uses: its pruner, refinement, allocation, reconstruction and
         compensation."""
-        return {x for x in (self.method, self.refine, self.allocation, self.reconstruct, self.compensate) if x}
+        return {x for x in (self.method, self.refine, self.allocation, self.reconstruct, self.compensate,
+                            self.structure or ("search" if self.structured else None)) if x}
 
     # ---- derived -------------------------------------------------------------------------
     @property

@@ -20,8 +20,9 @@ REFINERS: dict[str, type] = {}
 ALLOCATORS: dict[str, type] = {}
 RECONSTRUCTORS: dict[str, type] = {}
 COMPENSATORS: dict[str, type] = {}
+STRUCTURES: dict[str, type] = {}  # structured width methods (llmprune.structured)
 _TABLES = {"method": PRUNERS, "refine": REFINERS, "allocation": ALLOCATORS, "reconstruct": RECONSTRUCTORS,
-           "compensate": COMPENSATORS}
+           "compensate": COMPENSATORS, "structure": STRUCTURES}
 
 
 def _register(table: dict[str, type], cls: T) -> T:

@@ -55,6 +55,7 @@ class PruneReport:
     activation: Any = None  # ActivationResult: calibrated activation thresholds (llmprune/activation), if asked for
     activation_handle: Any = field(default=None, repr=False)  # the thresholds installed on the model in memory
     threads: dict[str, Any] | None = field(default_factory=_thread_policy)  # CPU thread policy applied (threads.py)
+    structure: dict[str, Any] | None = None  # structured removal: what went (indices), parameters before/after
 
     @property
     def modules(self):
@@ -172,6 +173,7 @@ class PruneReport:
             }} if self.permutations else {}),
             **({"eval": {"file": EVAL_FILE, "metrics": self.evaluation.metrics}} if self.evaluation else {}),
             **({"activation": self.activation.metadata()} if self.activation is not None else {}),
+            **({"structure": self.structure} if self.structure is not None else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,6 +216,19 @@ class PruneReport:
             }
         )
 
+    def _structure_line(self) -> str:
+        st = self.structure
+        gone = st["removal"]
+        per = st["per_layer"]
+        what = [f"{len(gone['layers'])} layers ({st['depth']['method']}: {gone['layers']})"] if gone["layers"] else []
+        what += [f"{per[k]} {k.replace('_', '/')} per layer" for k in ("kv_heads", "heads", "channels") if per[k]]
+        if st.get("width_method"):
+            what[-1] += f" ({st['width_method']})"
+        d = st["decoder_params"]
+        return (f"model {self.model}: structured removal of {', '.join(what) or 'nothing'}; decoder parameters "
+                f"{d['before']:,} -> {d['after']:,} ({d['fraction_removed']:.1%} removed), model "
+                f"{st['params']['before']:,} -> {st['params']['after']:,}")
+
     def summary(self) -> str:
         """A plain-text table: one row per module kind (e.g. ``self_attn.q_proj``), then totals."""
         kinds: dict[str, list] = {}
@@ -235,10 +250,11 @@ class PruneReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         c = self.config
         secs = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
-        if c["method"] == "none":  # activation sparsity only: no weight table
+        if c["method"] == "none":  # activation sparsity only or structured removal: no sparsity table
             lines = []
         lines += [
             "",
+            self._structure_line() if self.structure is not None else
             f"model {self.model}: weights left dense (method none)" if c["method"] == "none" else
             f"model {self.model}: {c['method']} {c['pattern']}, measured sparsity {self.sparsity:.4f} "
             f"over {self.pruned_params:,} weights in {len(self.modules)} modules "
@@ -249,7 +265,8 @@ class PruneReport:
         ]
         rec = self.reconstruction_summary()
         if rec:
-            lines.append(f"reconstruction {rec['method']}: relative output error {rec['mean_error_before']:.4f} -> "
+            lines.append(f"{'reconstruction ' + str(rec['method']) if self.structure is None else 'consumers re-solved'}"
+                         f": relative output error {rec['mean_error_before']:.4f} -> "
                          f"{rec['mean_error_after']:.4f} (mean over {rec['modules']} modules, by size)")
         comp = self.compensation_summary()
         if comp:

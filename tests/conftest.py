@@ -34,15 +34,32 @@ ARCH_CONFIGS = {
                                       num_experts_per_tok=2)),
 }
 ARCHS = list(ARCH_CONFIGS)
+# Tiny configs beyond the parametrised set (make_tiny_model builds them too): Gemma 3's sliding and global
+# layers, MoE with a shared expert and a dense layer (Qwen2-MoE), MoE in every layer (Qwen3-MoE).
+EXTRA_CONFIGS = {
+    "gemma3": ("Gemma3TextConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                         num_experts_per_tok=2, mlp_only_layers=[1],
+                                         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+}
 
 
 def make_tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     import transformers
     from transformers import AutoModelForCausalLM
 
-    cls_name, kwargs = ARCH_CONFIGS[arch]
+    cls_name, kwargs = ARCH_CONFIGS[arch] if arch in ARCH_CONFIGS else EXTRA_CONFIGS[arch]
     config = getattr(transformers, cls_name)(vocab_size=VOCAB, **{**kwargs, **overrides})
-    config._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
+    config._attn_implementation = "eager" if arch in ("gemma2", "gemma3") else "sdpa"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     return model.eval()

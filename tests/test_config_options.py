@@ -16,6 +16,7 @@ from llmprune.steps.admm import ADMM, ADMMOptions
 from llmprune.steps.dsnot import DSnoT, DSnoTOptions
 from llmprune.steps.eora import EoRA, EoRAOptions
 from llmprune.steps.owl import OWL, OWLOptions
+from llmprune.structured.options import StructureOptions
 
 METHODS = [(SparseGPT, SparseGPTOptions), (RIA, RIAOptions), (DSnoT, DSnoTOptions), (ALPS, ALPSOptions),
            (ADMM, ADMMOptions), (EoRA, EoRAOptions), (OWL, OWLOptions)]
@@ -37,12 +38,12 @@ def test_damp_is_declared_once_and_shared():
     damp = SparseGPTOptions.model_fields["damp"]
     for options in (ALPSOptions, ADMMOptions, EoRAOptions):
         assert _same_field(options.model_fields["damp"], damp)
-    assert option_owners()["damp"] == {"sparsegpt", "alps", "admm", "eora"}
+    assert {"sparsegpt", "alps", "admm", "eora"} <= option_owners()["damp"]  # and the structured width methods
 
 
 def test_fields_keep_their_order_core_options_activation_engine():
     expected = list(_Core.model_fields)
-    for options in (*(o for _, o in METHODS), ActivationOptions):
+    for options in (*(o for _, o in METHODS), ActivationOptions, StructureOptions):
         expected += [n for n in options.model_fields if n not in expected]
     expected += ["sequential", "execution", "batch_size", "eval", "save_format"]
     assert list(PruneConfig.model_fields) == expected

@@ -115,7 +115,14 @@ def build_card(folder: str | Path, *, license: str | None = None, repo_id: str |
         tags.append("llmprune-compressed")
     if meta.get("activation"):
         tags.append("activation-sparsity")
-    name = repo_id.split("/")[-1] if repo_id else f"{_model_label(model).split('/')[-1]}-{method}-{pattern}"
+    structure = meta.get("structure")
+    if structure:
+        tags = ["pruned", "structured-pruning", "llmprune"]
+        removed = structure["decoder_params"]["fraction_removed"]
+        label = f"structured-{round(100 * removed)}pct"
+    else:
+        label = f"{method}-{pattern}"
+    name = repo_id.split("/")[-1] if repo_id else f"{_model_label(model).split('/')[-1]}-{label}"
     data = ModelCardData(
         base_model=base,
         library_name="transformers",
@@ -128,6 +135,24 @@ def build_card(folder: str | Path, *, license: str | None = None, repo_id: str |
     return ModelCard(content)
 
 
+def _structure_section(st: dict) -> list[str]:
+    """What structured removal took out: a smaller dense model, and the indices per layer."""
+    d, p, per, gone = st["decoder_params"], st["params"], st["per_layer"], st["removal"]
+    lines = ["## What was removed", "",
+             f"A smaller dense model: {d['fraction_removed']:.1%} of the decoder layers' parameters were removed "
+             f"({d['before']:,} -> {d['after']:,}; the whole model {p['before']:,} -> {p['after']:,}). It loads and "
+             "runs like any model of its architecture, with no custom code.", ""]
+    if gone["layers"]:
+        lines.append(f"- decoder layers removed ({(st.get('depth') or {}).get('method')}): {gone['layers']} "
+                     "(indices in the original model)")
+    for k, what in (("kv_heads", "key/value heads"), ("heads", "query heads"), ("channels", "MLP channels")):
+        if per.get(k):
+            lines.append(f"- {what} removed from every remaining layer: {per[k]} (chosen by "
+                         f"{st.get('width_method')}; indices per layer in `config.json` under "
+                         "`llmprune.structure.removal`)")
+    return lines + [""]
+
+
 def _body(name: str, meta: dict, layout: dict | None, pruned, dense, model: str | None, repo_id: str | None) -> str:
     base = base_model_of(model)
     cal = meta.get("calibration") or {}
@@ -135,8 +160,11 @@ def _body(name: str, meta: dict, layout: dict | None, pruned, dense, model: str 
     versions = meta.get("versions") or {}
     where = repo_id or "PATH"
     lines = [f"# {name}", "",
-             f"{_model_label(model)} pruned one-shot with [llmprune](https://pypi.org/project/llmprune/).", "",
-             "## What was done", "", "| setting | value |", "|---|---|"]
+             f"{_model_label(model)} pruned one-shot with [llmprune](https://pypi.org/project/llmprune/).", ""]
+    structure = meta.get("structure")
+    if structure:
+        lines += _structure_section(structure)
+    lines += ["## What was done", "", "| setting | value |", "|---|---|"]
     rows = [
         ("method", meta.get("method")), ("pattern", meta.get("pattern")),
         ("target sparsity", meta.get("target_sparsity")),

@@ -52,6 +52,9 @@ TOPICS: dict[str, tuple[str, ...]] = {
     "memory and execution": ("low_memory", "sequential", "execution", "batch_size"),
     "activation sparsity": ("activation", "activation_sparsity", "activation_allocation", "activation_greedy_step",
                             "activation_holdout", "activation_holdout_windows"),
+    "structured removal (a smaller dense model)": (
+        "structure", "remove_heads", "remove_kv_heads", "remove_channels", "remove_layers", "remove_experts",
+        "structure_budget", "depth_method", "depth_windows"),
     "after pruning": ("eval", "save_format"),
 }
 

@@ -207,10 +207,12 @@ class SequentialRun:
 
     # ---- observe only ----------------------------------------------------------------------
     def observe(self, needs: frozenset[str], reducer: Callable[[int, list[ObservedModule]], None],
-                keep_first: frozenset[str] = frozenset()) -> None:
+                keep_first: frozenset[str] = frozenset(),
+                layer_io: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> None:
         """One dense forward per chunk and layer; ``reducer(i, modules)`` gets layer ``i``'s targets
         with their dense weights and the ``needs`` statistics of their inputs. The first layer's
-        statistics are gathered with ``keep_first`` too and kept for :meth:`prune`."""
+        statistics are gathered with ``keep_first`` too and kept for :meth:`prune`. ``layer_io(i, x, y)``,
+        if given, sees each chunk's input and output hidden states of layer ``i``."""
         with inference_state(self.model):
             hidden, calls = self._capture()
             for i in self._bar("observing layers"):
@@ -225,7 +227,10 @@ class SequentialRun:
                 with LayerWork(tgts, groups, need, prune=None, prune_in_hook=False) as lw:
                     for c in range(len(self.chunks)):
                         lw.new_forward()
-                        _store_output(hidden, c, calls[c][i](layer, hidden[c]))
+                        out = calls[c][i](layer, hidden[c])
+                        if layer_io is not None:
+                            layer_io(i, hidden[c], out)
+                        _store_output(hidden, c, out)
                         self._done_with(hidden, c)
                 if self.collective is not None:  # the allocator sees every rank's windows
                     for t in lw.all_targets:

@@ -70,7 +70,12 @@ def _resolve(config: PruneConfig, output: str | Path, overwrite: bool, resume: b
     """Every check that can fail before a model loads: the output, the distributed set-up, leftover progress,
     the data dir, the evaluation asked for; then the residency. Returns it and the progress folder."""
     check_output(output, overwrite)
+    if config.structured and resume:
+        raise ConfigError("--resume is not supported for structured removal yet (its progress is not saved per "
+                          "layer); run it again without --resume")
     where = choose_residency(config, resume)
+    if config.structured and where.world_size > 1:
+        raise ConfigError("structured removal runs in one process; launch it without torchrun")
     partial = check_partial(output, resume, overwrite)
     resolve_data_dir(config.data_dir)
     if config.eval_settings is not None:
@@ -98,8 +103,8 @@ def prune_checkpoint(
     tracker = None
     try:
         offloader = DiskOffloader(offload)
-        tracker = (Progress(offloader, partial, config, source_folder(source), resume) if where.resumable
-                   else offloader)
+        tracker = (Progress(offloader, partial, config, source_folder(source), resume)
+                   if where.resumable and not config.structured else offloader)
         report = prune_model(model, tokenizer, config, progress=progress, residency=tracker)
         report.model = config.model or f"embedded:{source}"
         if config.eval_settings is not None:

@@ -22,6 +22,7 @@ from ..registry import lookup
 from ..report import PruneReport
 from ..steps import LayerTarget
 from .activation import add_activation, prune_activations_only
+from .structured import prune_structured
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
@@ -100,6 +101,8 @@ def prune_model(
     calibrate -> observe/allocate -> prune layer by layer (-> activation thresholds). :func:`llmprune.prune`
     is the face that builds the config; ``residency`` (e.g. a
     :class:`~llmprune.engine.residency.offload.DiskOffloader`) moves each layer in and out of memory."""
+    if config.structured:  # heads, channels, layers removed: a smaller dense model
+        return prune_structured(model, tokenizer, config, calibration, progress, residency)
     if config.method == "none":  # activation sparsity only (the config requires `activation` then)
         return prune_activations_only(model, tokenizer, config, calibration, progress, residency)
     t0 = time.perf_counter()
