@@ -1,21 +1,27 @@
 """Activation sparsity on the embedded model: perplexity, reached sparsity and CPU decode speed.
 
 Protocol (issue 11): embedded SmolLM2-135M-Instruct in float32; thresholds calibrated on 32 x 512 C4
-tokens from the data dir (seed 0); perplexity on WikiText-2 raw test, seqlen 2048, first 16 windows
-(dense 20.60), with the activation sparsity the thresholds reach on those windows (held-out text);
+tokens from the data dir (seed 0); perplexity on WikiText-2 raw test by two protocols (issue 27,
+``llmprune.evaluation.perplexity``): 'all' (llmprune's: seqlen 2048, first 16 windows, every position
+thresholded, every token scored; dense 20.60) and 'teal' (TEAL's utils/eval_ppl.py: the first 16
+windows of 2048 + 512 tokens every 512 tokens, the last half of each window thresholded, its last 512
+tokens scored), with the activation sparsity the thresholds reach on those windows (held-out text);
 greedy decode tokens/s of the dense model against the sparse decode path (``sparse_decode=True``).
 
     LLMPRUNE_DATA_DIR=../shared/data python eval/bench_activation.py --cells teal-uniform-50,teal-greedy-50
     python eval/bench_activation.py --decode-only          # re-time decode from the saved thresholds
 
-Cells are ``CRITERION-ALLOCATION-PERCENT`` (``teal-uniform-50``) or ``sparsegpt50+teal-uniform-40``;
-results accumulate in ``eval/results/activation.json`` (a cell run again replaces its entry) and
+Cells are ``CRITERION-ALLOCATION-PERCENT`` (``teal-uniform-50``) or ``sparsegpt50+teal-uniform-40``,
+with ``@sN`` for calibration seed N (``wina-uniform-50@s1``); criterion ``wina`` is WINA as its official
+code (a threshold per reader, norms on k_proj/gate_proj), ``winastacked`` llmprune's earlier layout.
+``--reeval`` scores saved cells by a protocol they lack, from their stored thresholds. Results accumulate in ``eval/results/activation.json`` (a cell run again replaces its entry) and
 ``eval/results/activation.md`` is rewritten from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -33,13 +39,23 @@ GREEDY_STEP = 0.05  # coarser than the default 0.025: half the layer forwards on
 log = logging.getLogger("bench_activation")
 
 
+PROTOCOLS = ("all", "teal")
+TEAL_WINDOWS: int | None = None  # windows of TEAL's protocol (--teal-windows; default: --windows)
+
+
 def parse_cell(cell: str) -> dict:
     method = None
+    seed = 0
+    if "@s" in cell:
+        cell, seed_text = cell.split("@s")
+        seed = int(seed_text)
     if "+" in cell:
         head, cell = cell.split("+", 1)
         method = {"method": head.rstrip("0123456789"), "sparsity": int(head[len(head.rstrip("0123456789")):]) / 100}
     crit, alloc, pct = cell.split("-")
-    return {"activation": crit, "activation_allocation": alloc, "activation_sparsity": int(pct) / 100,
+    wina = {"activation_wina": "stacked"} if crit == "winastacked" else {}
+    return {"activation": "wina" if crit == "winastacked" else crit, **wina, "activation_allocation": alloc,
+            "activation_sparsity": int(pct) / 100, "seed": seed,
             **({"activation_greedy_step": GREEDY_STEP} if alloc == "greedy" else {}), **(method or {})}
 
 
@@ -78,14 +94,14 @@ def run_cell(cell: str, data_dir: str, windows: int) -> dict:
     model, tok, _ = load_model(None, dtype="float32")
     settings = parse_cell(cell)
     t0 = time.perf_counter()
-    report = llmprune.prune(model, tok, calib="c4", nsamples=32, seqlen=512, seed=0, data_dir=data_dir,
+    report = llmprune.prune(model, tok, calib="c4", nsamples=32, seqlen=512, data_dir=data_dir,
                             activation_holdout=None, progress=False, **settings)
     t_prune = time.perf_counter() - t0
     t1 = time.perf_counter()
     ev = llmprune.evaluate(model, tok, ppl=["wikitext2"], seqlen=2048, max_windows=windows, data_dir=data_dir,
                            progress=False)
     meta = report.metadata()["activation"]
-    return {
+    out = {
         "settings": settings, "ppl": ev.metrics["wikitext2/ppl"],
         "wikitext2_sparsity": ev.metrics["wikitext2/activation_sparsity"],
         "wikitext2_entries": ev.perplexity["wikitext2"]["activation_sparsity"]["entries"],
@@ -93,6 +109,36 @@ def run_cell(cell: str, data_dir: str, windows: int) -> dict:
         "seconds_prune": t_prune, "seconds_eval": time.perf_counter() - t1, "activation": meta,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    out.update(teal_protocol(model, tok, data_dir, TEAL_WINDOWS or windows))
+    return out
+
+
+def teal_protocol(model, tok, data_dir: str, windows: int) -> dict:
+    """Perplexity by TEAL's protocol (see the module docstring) and the sparsity reached on its windows."""
+    from llmprune.activation import installed
+    from llmprune.evaluation.perplexity import dataset_perplexity
+
+    handle = installed(model)
+    t = time.perf_counter()
+    with handle.measure() if handle is not None else contextlib.nullcontext():
+        r = dataset_perplexity(model, tok, "wikitext2", seqlen=2048, max_windows=windows, data_dir=data_dir,
+                               activation_protocol="teal")
+    got = handle.sparsity()["weighted"] if handle is not None else None
+    return {"ppl_teal": r.ppl, "wikitext2_sparsity_teal": got, "teal_windows": r.windows, "teal_tokens": r.tokens,
+            "seconds_eval_teal": time.perf_counter() - t}
+
+
+def reeval(name: str, cell: dict, data_dir: str, windows: int) -> dict:
+    """Score a saved cell by TEAL's protocol from its stored thresholds (weights: dense cells only)."""
+    from llmprune import load_model
+    from llmprune.activation import apply_activation_sparsity
+
+    if cell.get("weight_sparsity", 0.0):
+        raise ValueError(f"{name}: weight-pruned cells need their pruned weights; rerun the cell instead")
+    model, tok, _ = load_model(None, dtype="float32")
+    with apply_activation_sparsity(model, cell["activation"]):
+        return {**cell, **teal_protocol(model, tok, data_dir, TEAL_WINDOWS or windows),
+                "date_teal": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def run_dense(data_dir: str, windows: int) -> dict:
@@ -102,7 +148,17 @@ def run_dense(data_dir: str, windows: int) -> dict:
     model, tok, _ = load_model(None, dtype="float32")
     ev = llmprune.evaluate(model, tok, ppl=["wikitext2"], seqlen=2048, max_windows=windows, data_dir=data_dir,
                            progress=False)
-    return {"ppl": ev.metrics["wikitext2/ppl"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {"ppl": ev.metrics["wikitext2/ppl"], **teal_protocol(model, tok, data_dir, TEAL_WINDOWS or windows),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def run_dense_teal(data_dir: str, windows: int) -> dict:
+    """The dense model by TEAL's protocol only (its reference)."""
+    from llmprune import load_model
+
+    model, tok, _ = load_model(None, dtype="float32")
+    return {**teal_protocol(model, tok, data_dir, TEAL_WINDOWS or windows),
+            "date_teal": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def quick_thresholds(model, tok, pct: int, data_dir: str, windows: int) -> tuple[dict, str]:
@@ -176,30 +232,41 @@ def decode(res: dict, data_dir: str, new_tokens: int, repeats: int, decode_calib
 def markdown(res: dict) -> str:
     dense = res.get("dense", {}).get("ppl")
     ref = dense or 20.6015  # eval/results/eval.md, same protocol, when not re-measured
+    dense_teal = res.get("dense", {}).get("ppl_teal")
     lines = [
         "# Activation sparsity (issue 11)",
         "",
         "Command: `LLMPRUNE_DATA_DIR=../shared/data nice -n 10 python eval/bench_activation.py --cells ...` "
         "(`--decode-only` re-times decode). Protocol: embedded SmolLM2-135M-Instruct, float32; thresholds "
         "calibrated on 32 x 512 C4 tokens (data dir, seed 0) after any weight pruning of the same run; WikiText-2 "
-        "raw test, seqlen 2048, first 16 windows; 'WikiText-2 sparsity' is what the thresholds reach on those "
-        "windows (held-out text), weighted by the weights each thresholded tensor feeds (cats: the gated MLP "
-        "activation only).",
+        "raw test, two perplexity protocols (issue 27): 'ours' seqlen 2048, first 16 windows, every position "
+        "thresholded and scored; 'TEAL' as TEAL's utils/eval_ppl.py: the first 16 windows of 2048 + 512 tokens "
+        "every 512 tokens, the last half of each window thresholded, its last 512 tokens scored (its dense "
+        "reference differs: other tokens, longer context). 'WikiText-2 sparsity' is what the thresholds reach "
+        "on the 'ours' windows (held-out text), weighted by the weights each thresholded tensor feeds (cats: "
+        "the gated MLP activation only). wina: as its official code (a threshold per reader, column norms on "
+        "k_proj and gate_proj only); winastacked: llmprune's earlier layout (one threshold per input, stacked "
+        "norms). '@sN': calibration seed N (default 0).",
         f"Machine: {res.get('decode', {}).get('machine') or machine()}"
         + (f"; {res['machine_note']}" if res.get("machine_note") else "") + ".",
         "",
-        f"Dense perplexity: {dense:.2f}" if dense else "Dense perplexity: not re-measured here; 20.60 in "
-        "eval/results/eval.md (same protocol); ratios below use it",
+        (f"Dense perplexity: {dense:.2f} (ours)" if dense else "Dense perplexity: not re-measured here; 20.60 in "
+         "eval/results/eval.md (same protocol); ratios below use it")
+        + (f", {dense_teal:.2f} (TEAL protocol)" if dense_teal else ""),
         "",
-        "| config | weight sparsity | activation target | ppl | x dense | WikiText-2 sparsity | calibration sparsity "
-        "| prune+calib (s) | date |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | weight sparsity | activation target | ppl (ours) | x dense | ppl (TEAL protocol) | x dense "
+        "| WikiText-2 sparsity | calibration sparsity | prune+calib (s) | date |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in res["cells"].items():
         s = c["settings"]
         ratio = f"{c['ppl'] / ref:.3f}"
+        teal = c.get("ppl_teal")
+        same = teal and c.get("teal_windows") == res.get("dense", {}).get("teal_windows")
+        teal_cols = (f"{teal:.2f} ({c['teal_windows']} w) | {teal / dense_teal:.3f}" if same else
+                     f"{teal:.2f} ({c['teal_windows']} w) | -" if teal else "- | -")
         lines.append(f"| {name} | {c.get('weight_sparsity', 0.0):.2f} | {s['activation_sparsity']:.2f} | "
-                     f"{c['ppl']:.2f} | {ratio} | "
+                     f"{c['ppl']:.2f} | {ratio} | {teal_cols} | "
                      f"{c['wikitext2_sparsity']:.4f} | {c['calibration_sparsity']:.4f} | {c['seconds_prune']:.0f} | "
                      f"{c['date']} |")
     d = res.get("decode") or {}
@@ -227,6 +294,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--results", type=Path, default=RESULTS, help="JSON results file (the .md table goes beside it)")
     ap.add_argument("--dense", action="store_true", help="also measure the dense perplexity")
+    ap.add_argument("--reeval", default="", help="comma-separated saved cells to score by TEAL's protocol")
+    ap.add_argument("--teal-windows", type=int, default=None, help="windows of TEAL's protocol (default --windows)")
+    ap.add_argument("--dense-teal", action="store_true", help="also score the dense model by TEAL's protocol")
     ap.add_argument("--decode", action="store_true", help="also time decode after the cells")
     ap.add_argument("--decode-only", action="store_true", help="only time decode, from the saved thresholds")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -237,12 +307,25 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     res = load_results(args.results)
+    global TEAL_WINDOWS
+    TEAL_WINDOWS = args.teal_windows
     if not args.decode_only:
+        if args.dense_teal:
+            res = load_results(args.results)
+            res["dense"] = {**res.get("dense", {}), **run_dense_teal(args.data_dir, args.windows)}
+            save_results(res, args.results)
         if args.dense:
             res["dense"] = run_dense(args.data_dir, args.windows)
             save_results(res, args.results)
+        for cell in filter(None, args.reeval.split(",")):
+            log.info("re-evaluating %s by TEAL's protocol", cell)
+            res = load_results(args.results)
+            res["cells"][cell] = reeval(cell, res["cells"][cell], args.data_dir, args.windows)
+            log.info("cell %s: ppl (TEAL protocol) %.3f", cell, res["cells"][cell]["ppl_teal"])
+            save_results(res, args.results)
         for cell in filter(None, args.cells.split(",")):
             log.info("cell %s", cell)
+            res = load_results(args.results)
             res["cells"][cell] = run_cell(cell, args.data_dir, args.windows)
             log.info("cell %s: ppl %.3f, WikiText-2 sparsity %.4f", cell, res["cells"][cell]["ppl"],
                      res["cells"][cell]["wikitext2_sparsity"])

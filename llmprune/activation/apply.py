@@ -7,9 +7,21 @@ no parameter is renamed, so ``state_dict``, ``save_pretrained`` and every evalua
 :meth:`ActivationSparsity.remove` takes the hooks off and the model computes its dense outputs
 again, bit for bit.
 
-Modules fed the very same tensor (q/k/v, gate/up) share one threshold: the first of them to run
-computes the sparse tensor and the others reuse it (same object in, same object out), so the
-mask is computed once per tensor.
+Modules fed the very same tensor that share one threshold (q/k/v and gate/up under TEAL and WINA
+'stacked') share the mask: the first of them to run computes the sparse tensor and the others reuse it
+(same object in, same object out), so the mask is computed once per tensor. WINA as its official code
+gives each of them its own threshold, so each computes its own mask.
+
+**Where thresholds apply** (``prefill``, the ``activation_prefill`` setting, stored in ``config.json``):
+a call of one position per sequence (a decode step) is always thresholded; of a call of ``L > 1``
+positions (a prefill, or a perplexity window), only the last ``⌊prefill·L⌋`` positions are, the first
+ones stay dense. ``prefill = 0`` (the default of new runs): decode only, where the speed is (TEAL's
+kernels and the sparse decode path below speed up decode only; a dense prefill keeps the prompt's
+cache exact). ``0.5``: TEAL's reference (``SparsifyFn`` with ``apply_prefill=True``: decode and the
+last half of each prefill, what its paper's evaluations ran). ``0.99``: WINA's reference. ``1``: every
+position (llmprune before issue 27, and checkpoints written before it). The positions are read from the
+tensor (``[..., L, in]``); a flattened ``[tokens, in]`` input (fused MoE experts) takes ``(b, L)`` from
+the call of the first decoder layer. The calibration pass thresholds every position of its windows.
 
 ``sparse_decode=True`` (CPU, batch-1 decode): every thresholded ``nn.Linear`` / GPT-2 ``Conv1D``
 gets its weight stored transposed (``W^T [in, out]``, rows contiguous; the Parameter keeps its
@@ -34,6 +46,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..engine.targets import find_decoder_layers
 from .criteria import CRITERIA, column_norms, reader_weights
 
 log = logging.getLogger(__name__)
@@ -58,6 +71,7 @@ class ThresholdSpec:
     calibration: float | None = None  # sparsity it reached on the calibration tokens
     measured: float | None = None  # sparsity measured on held-out text
     weights: int = 0  # weights this tensor feeds (what its zeros spare reading)
+    norms: bool | None = None  # wina: scored with the members' column norms; None: yes (checkpoints before issue 27)
 
 
 class ActivationThreshold(nn.Module):
@@ -67,11 +81,16 @@ class ActivationThreshold(nn.Module):
     ``|x_j|·‖W_:,j‖₂ ≥ t`` without a product at run time. The comparison runs in the tensor's own
     dtype and device (float32, bfloat16, float16; CPU or CUDA), on any leading shape (batch,
     padding, prefill or one decode token): thresholds are per entry, never across tokens.
+    ``prefill``: the fraction of a multi-position call's last positions thresholded (module docstring);
+    ``call``: the ``(b, L)`` of the current model call, for flattened inputs.
     """
 
-    def __init__(self, spec: ThresholdSpec, per_feature: torch.Tensor | None = None):
+    def __init__(self, spec: ThresholdSpec, per_feature: torch.Tensor | None = None, prefill: float = 1.0,
+                 call: CallShape | None = None):
         super().__init__()
         self.spec = spec
+        self.prefill = prefill
+        self.call = call
         self.threshold = float(spec.threshold)
         self.register_buffer("per_feature", per_feature, persistent=False)  # [in] or None
         self._cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -92,16 +111,38 @@ class ActivationThreshold(nn.Module):
             t = self._cast[key] = self.per_feature.to(device=x.device, dtype=x.dtype)
         return t
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _threshold(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_feature is None:
             keep = x.abs() >= self.threshold
         else:
             keep = x.abs() >= self._feature_thresholds(x)
         y = x * keep  # exact zeros; NaN/inf inputs are not hidden behind a fill
-        if self.measuring:
+        if self.measuring:  # counted over the thresholded positions only (as TEAL's and WINA's references)
             self.zeros += int((y == 0).sum())
             self.total += y.numel()
         return y
+
+    def _sequences(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x`` as ``[..., L, in]`` when it is a call of ``L > 1`` positions per sequence, else None."""
+        if x.dim() >= 3:
+            return x if x.shape[-2] > 1 else None
+        shape = self.call.shape if self.call is not None else None
+        if x.dim() == 2 and shape is not None and shape[1] > 1 and shape[0] * shape[1] == x.shape[0]:
+            return x.view(shape[0], shape[1], x.shape[-1])  # [b, L, in]
+        return None  # one position per sequence (a decode step), or no way to tell: every row thresholded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prefill >= 1.0:
+            return self._threshold(x)
+        seq = self._sequences(x)
+        if seq is None:
+            return self._threshold(x)
+        L = seq.shape[-2]
+        dense = L - int(self.prefill * L)  # leading positions left dense (TEAL: the first half)
+        if dense >= L:
+            return x
+        y = torch.cat((seq[..., :dense, :], self._threshold(seq[..., dense:, :])), dim=-2)  # [..., L, in]
+        return y.view(x.shape)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
         """The sparse tensor for ``x``, computed once for all the members reading the same ``x``."""
@@ -140,6 +181,30 @@ class ActivationThreshold(nn.Module):
         if self._rows_uses >= len(self.spec.members):
             self._rows_in, self._rows = None, None
         return out
+
+
+class CallShape:
+    """``(b, L)`` of the model call running now, set by a pre-hook on the first decoder layer and cleared
+    after the last; None outside a model call (the calibration pass calls layers directly)."""
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, int] | None = None
+
+    def hooks(self, model: nn.Module) -> list[Any]:
+        try:
+            _, layers = find_decoder_layers(model)
+        except ValueError:
+            return []  # not a decoder stack: flattened inputs are thresholded on every row
+
+        def start(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            h = args[0] if args else kwargs.get("hidden_states")
+            self.shape = tuple(h.shape[:2]) if isinstance(h, torch.Tensor) and h.dim() == 3 else None
+
+        def end(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            self.shape = None
+
+        return [layers[0].register_forward_pre_hook(start, with_kwargs=True),
+                layers[-1].register_forward_hook(end, with_kwargs=True, always_call=True)]
 
 
 class SparseDecodeLinear(nn.Module):
@@ -215,6 +280,7 @@ class ActivationSparsity:
     modules: list[ActivationThreshold] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     swapped: dict[str, SparseDecodeLinear] = field(default_factory=dict)
+    prefill: float = 1.0  # fraction of a prefill's last positions thresholded (decode steps: always)
 
     def remove(self) -> None:
         for h in self.handles:
@@ -231,6 +297,20 @@ class ActivationSparsity:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+    @contextlib.contextmanager
+    def applied(self, prefill: float) -> Iterator[None]:
+        """Threshold the last ``prefill`` fraction of each multi-position call while inside (a perplexity
+        protocol: 1 every position, 0.5 TEAL's evaluation); the installed setting comes back after."""
+        if not 0.0 <= prefill <= 1.0:
+            raise ValueError(f"prefill fraction {prefill} is out of range; give a fraction in [0, 1]")
+        for m in self.modules:
+            m.prefill = prefill
+        try:
+            yield
+        finally:
+            for m in self.modules:
+                m.prefill = self.prefill
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[None]:
@@ -261,7 +341,8 @@ def parse_thresholds(thresholds: Mapping[str, Any]) -> tuple[str, list[Threshold
     """``(criterion, specs)`` from the ``"activation"`` metadata block of a checkpoint (or a report).
 
     Accepts ``{"criterion": ..., "thresholds": {module: {"threshold", "group", "site", ...}}}``; a
-    module whose entry names another ``group`` shares that group's tensor.
+    module whose entry names another ``group`` shares that group's tensor. An entry's ``norms``
+    (wina) says whether its score multiplies by the column norms; absent (before issue 27): it does.
     """
     if "thresholds" not in thresholds or "criterion" not in thresholds:
         raise ValueError("activation thresholds need 'criterion' and 'thresholds' (module -> entry), as written "
@@ -281,13 +362,13 @@ def parse_thresholds(thresholds: Mapping[str, Any]) -> tuple[str, list[Threshold
         if spec is None:
             spec = groups[group] = ThresholdSpec(group, [], float(entry["threshold"]), site, entry.get("target"),
                                                  entry.get("calibration"), entry.get("measured"),
-                                                 int(entry.get("weights", 0)))
+                                                 int(entry.get("weights", 0)), entry.get("norms"))
         spec.members.append(module)
     return criterion, list(groups.values())
 
 
 def _per_feature(model: nn.Module, spec: ThresholdSpec, criterion: str) -> torch.Tensor | None:
-    if criterion != "wina":
+    if criterion != "wina" or spec.norms is False:
         return None
     norms = column_norms([reader_weights(model.get_submodule(n)) for n in spec.members])  # [in]
     # a dead input column (norm 0) is never kept: its entries change nothing
@@ -295,21 +376,27 @@ def _per_feature(model: nn.Module, spec: ThresholdSpec, criterion: str) -> torch
 
 
 def install(model: nn.Module, criterion: str, specs: list[ThresholdSpec],
-            sparse_decode: bool = False) -> ActivationSparsity:
-    """Register one :class:`ActivationThreshold` per spec on ``model`` (see :func:`apply_activation_sparsity`)."""
+            sparse_decode: bool = False, prefill: float = 1.0) -> ActivationSparsity:
+    """Register one :class:`ActivationThreshold` per spec on ``model`` (see :func:`apply_activation_sparsity`);
+    ``prefill``: the fraction of each multi-position call's last positions thresholded (module docstring)."""
+    if not 0.0 <= prefill <= 1.0:
+        raise ValueError(f"activation prefill fraction {prefill} is out of range; give a fraction in [0, 1] "
+                         "(0: decode steps only, 0.5: TEAL's reference, 1: every position)")
     existing = getattr(model, "_llmprune_activation", None)
     if existing is not None:
         raise RuntimeError("activation thresholds are already installed on this model; call .remove() on the "
                            "handle apply_activation_sparsity returned before installing others")
-    handle = ActivationSparsity(model, criterion, specs)
+    handle = ActivationSparsity(model, criterion, specs, prefill=prefill)
     names = dict(model.named_modules())
+    call = CallShape()
     try:
+        handle.handles.extend(call.hooks(model))
         for spec in specs:
             missing = [n for n in spec.members if n not in names]
             if missing:
                 raise ValueError(f"activation threshold for {missing[0]}: no such module in {type(model).__name__}; "
                                  "the thresholds belong to another architecture or naming")
-            mod = ActivationThreshold(spec, _per_feature(model, spec, criterion))
+            mod = ActivationThreshold(spec, _per_feature(model, spec, criterion), prefill, call)
             handle.modules.append(mod)
             for member in spec.members:
                 target = names[member]
@@ -353,11 +440,13 @@ def apply_activation_sparsity(model: nn.Module, thresholds: Mapping[str, Any],
 
     ``thresholds`` is the ``"activation"`` block of a checkpoint's ``llmprune`` metadata (or of
     :meth:`PruneReport.metadata`): the criterion and, per module, the threshold and the group of
-    modules sharing its input. ``sparse_decode`` (CPU) stores the thresholded weights transposed and
-    computes batch-1 decode steps from the surviving input rows only (see the module docstring).
+    modules sharing its input; its ``prefill`` (absent before issue 27: 1, every position) says where
+    they apply. ``sparse_decode`` (CPU) stores the thresholded weights transposed and computes batch-1
+    decode steps from the surviving input rows only (see the module docstring).
     """
     criterion, specs = parse_thresholds(thresholds)
-    handle = install(model, criterion, specs, sparse_decode=sparse_decode)
+    handle = install(model, criterion, specs, sparse_decode=sparse_decode,
+                     prefill=float(thresholds.get("prefill", 1.0)))
     log.info("activation sparsity (%s) installed on %d tensors%s", criterion, len(specs),
              ", sparse decode" if sparse_decode else "")
     return handle
@@ -387,4 +476,4 @@ def use_sparse_decode(model: nn.Module) -> ActivationSparsity:
     if handle.swapped:
         return handle
     handle.remove()
-    return install(model, handle.criterion, handle.specs, sparse_decode=True)
+    return install(model, handle.criterion, handle.specs, sparse_decode=True, prefill=handle.prefill)

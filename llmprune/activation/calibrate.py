@@ -6,7 +6,9 @@ For each decoder layer, on the calibration chunks the engine captured (:class:`S
    gate/up share one, o_proj and down_proj one each; a fused-experts module's input), or, for
    CATS, the output of each gated MLP's activation module. Shared inputs are recognised by
    identity (the same tensor object reaches several modules) in one probe forward of the first
-   layer, and the same structure is assumed in every layer (one ModuleList of one class).
+   layer, and the same structure is assumed in every layer (one ModuleList of one class). WINA
+   'official' then gives every reader of a shared input its own threshold (q, k, v; gate, up), as
+   its official code does (:mod:`.criteria`).
 2. **Allocation.** ``uniform``: every tensor gets the target sparsity. ``greedy`` (TEAL's block-wise
    greedy, ``teal/greedyopt.py``): from all sparsities 0, each step raises the sparsity of one
    tensor so that the layer's weighted sparsity ``Σ_g s_g w_g / Σ_g w_g`` grows by ``step``
@@ -47,7 +49,7 @@ from ..engine.capture import inference_state, module_device
 from ..engine.passes import _store_output
 from ..engine.targets import _is_conv1d, find_targets
 from .apply import ActivationThreshold, ThresholdSpec, _register, install
-from .criteria import CRITERIA, column_norms, gated_activations, reader_weights
+from .criteria import CRITERIA, WINA_LAYOUTS, column_norms, gated_activations, reader_weights, wina_normed
 from .result import ActivationResult, measure_holdout
 
 log = logging.getLogger(__name__)
@@ -66,21 +68,27 @@ class _Group:
     rel: list[str]  # member names relative to the layer
     site: str
     weights: int = 0
-    norms: torch.Tensor | None = None  # WINA: ‖W_:,j‖₂ of the stacked members  [in]
+    norms: torch.Tensor | None = None  # WINA: ‖W_:,j‖₂ of the (stacked) members, None: scored by |x|  [in]
 
 
 class ActivationCalibration:
     """Chooses per-tensor thresholds layer by layer on a :class:`~llmprune.engine.SequentialRun`."""
 
     def __init__(self, criterion: str, sparsity: float, allocation: str = "uniform", step: float = 0.025,
-                 max_sample: int = MAX_SAMPLE, seed: int = 0):
+                 max_sample: int = MAX_SAMPLE, seed: int = 0, wina: str = "official", prefill: float = 0.0):
         if criterion not in CRITERIA:
             raise ValueError(f"unknown activation criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"unknown activation allocation {allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"activation sparsity {sparsity} is out of range; give a fraction in [0, 1), e.g. 0.5")
+        if wina not in WINA_LAYOUTS:
+            raise ValueError(f"unknown WINA layout {wina!r}; choose one of: {', '.join(WINA_LAYOUTS)}")
+        if not 0.0 <= prefill <= 1.0:
+            raise ValueError(f"activation prefill fraction {prefill} is out of range; give a fraction in [0, 1] "
+                             "(0: decode steps only, 0.5: TEAL's reference, 1: every position)")
         self.criterion, self.sparsity, self.allocation = criterion, sparsity, allocation
+        self.wina, self.prefill = wina, prefill  # prefill: where the thresholds apply later, recorded in the result
         self.step, self.max_sample, self.seed = step, max_sample, seed
 
     # ---- the tensors of a layer ------------------------------------------------------------
@@ -161,8 +169,10 @@ class ActivationCalibration:
     def _norms(self, layer: nn.Module, g: _Group) -> torch.Tensor | None:
         if self.criterion != "wina":
             return None
-        Ws = [reader_weights(layer.get_submodule(rel)) for rel in g.rel]
-        return column_norms(Ws)  # [in]
+        mods = [layer.get_submodule(rel) for rel in g.rel]
+        if self.wina == "official" and not (g.site == "input" and wina_normed(g.rel[0], mods[0])):
+            return None  # official WINA: |x| alone on q, v, o, up, down
+        return column_norms([reader_weights(m) for m in mods])  # [in]
 
     # ---- scores and quantiles ----------------------------------------------------------------
     def _scores(self, g: _Group, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +195,8 @@ class ActivationCalibration:
         thresholds; the model is left without hooks (install them with :func:`.apply.install`)."""
         t0 = time.perf_counter()
         result = ActivationResult(self.criterion, self.allocation, self.sparsity,
-                                  step=self.step if self.allocation == "greedy" else None)
+                                  step=self.step if self.allocation == "greedy" else None,
+                                  wina=self.wina if self.criterion == "wina" else None, prefill=self.prefill)
         gen = torch.Generator().manual_seed(self.seed)
         structure: list[list[str]] | None = None
         with inference_state(run.model):
@@ -204,6 +215,9 @@ class ActivationCalibration:
                     groups = self._probe(layer, prefix, lambda: forward(0), run.targets, run.ignore)
                     structure = [g.rel for g in groups]
                     sites = [g.site for g in groups]
+                    if self.criterion == "wina" and self.wina == "official":  # a threshold per reader
+                        sites = [site for rel, site in zip(structure, sites) for _ in rel]
+                        structure = [[r] for rel in structure for r in rel]
                     log.info("activation tensors per layer: %s", "; ".join("/".join(r) for r in structure))
                 groups = [_Group(list(rel), site) for rel, site in zip(structure, sites)]
                 for g in groups:
@@ -340,7 +354,8 @@ class ActivationCalibration:
             else:
                 v = self._gather(layer, groups, forward, n_chunks, n_tokens, gen, k, local)[k]
                 t = self._quantile(v, targets[k])
-            local.append(ThresholdSpec("", g.rel, t, g.site, targets[k], weights=g.weights))
+            local.append(ThresholdSpec("", g.rel, t, g.site, targets[k], weights=g.weights,
+                                       norms=(g.norms is not None) if self.criterion == "wina" else None))
         handles, modules = self._install_layer(layer, local, groups)
         try:
             for c in range(n_chunks):
@@ -352,7 +367,8 @@ class ActivationCalibration:
         for spec, g, mod in zip(local, groups, modules):
             members = [f"{prefix}.{r}" for r in g.rel]
             out.append(ThresholdSpec(members[0], members, spec.threshold, g.site, spec.target,
-                                     mod.zeros / mod.total if mod.total else None, weights=g.weights))
+                                     mod.zeros / mod.total if mod.total else None, weights=g.weights,
+                                     norms=spec.norms))
         return out
 
 

@@ -3,12 +3,28 @@
 - ``teal`` (Liu et al. 2024, "Training-Free Activation Sparsity in Large Language Models",
   arXiv:2408.14690): ``S_tj = |x_tj|`` on the input of every linear map of the decoder layers.
 - ``wina`` (Chen et al. 2025, "WINA: Weight Informed Neuron Activation for Accelerating LLM
-  Inference", arXiv:2505.19427): ``S_tj = |x_tj| · ‖W_:,j‖₂``, the size of input ``j``'s
-  contribution to the output. One threshold per tensor on that score. For a tensor read by
-  several maps (q/k/v, gate/up) ``W`` is their stack (``[W_q; W_k; W_v]``, the fused map), so
-  one mask serves all. Deviation: the paper also orthogonalises the weights (an SVD rotation that
-  makes the criterion optimal); llmprune keeps the weights as they are, so the checkpoint stays a
-  plain model.
+  Inference", arXiv:2505.19427; official code microsoft/wina): ``S_tj = |x_tj| · ‖W_:,j‖₂``, the
+  size of input ``j``'s contribution to the output. Two layouts (``activation_wina``):
+
+  * ``official`` (the default), as ``wina/self_attn.py`` and ``wina/mlp.py``: every map reading the
+    tensor keeps its own threshold and mask (q, k and v separately; gate and up separately), and only
+    ``k_proj`` and ``gate_proj`` (and a fused ``qkv_proj`` / ``gate_up_proj``: Phi-3) are scored with
+    their own column norms; q, v, o, up and down are scored by ``|x|`` alone (their norms are set to 1
+    there). Those are the maps whose SVD the official transform takes to orthogonalise the stream, and
+    the code keeps the norms there with or without the transform. For architectures the official code
+    does not cover, the same role: Mixtral's ``w1``, the fused ``c_attn`` / ``query_key_value`` /
+    ``Wqkv``, a plain MLP's first map (``fc1``, ``c_fc``), fused MoE experts; see :data:`WINA_NORMED`.
+  * ``stacked`` (llmprune before issue 27): one threshold per tensor; for a tensor read by several
+    maps (q/k/v, gate/up) ``W`` is their stack (``[W_q; W_k; W_v]``, the fused map), so one mask
+    serves all (one gather of surviving rows per input in the sparse decode path).
+
+  Deviations from the official code, both layouts: the paper's orthogonalisation of the weights (the
+  SVD rotation that makes the criterion optimal) is not done, so the checkpoint stays a plain model; and
+  masks come from calibrated thresholds (the official code's ``mask_by='threshold'``), not its scripts'
+  per-token top-k (``mask_by='topk'``), because a threshold is data the checkpoint stores and the sparse
+  decode path reads, and top-k needs a sort per token. 'stacked' is kept as an option: on the embedded
+  SmolLM2-135M it gave 32.67 at 50 % uniform (TEAL 31.73, dense 20.60, eval/results/activation.md); the
+  official layout is not yet measured there against it.
 - ``cats`` (Lee et al. 2024, "CATS: Contextually-Aware Thresholding for Sparsity in Large Language
   Models", arXiv:2404.08763): ``S_tj = |act(gate(x))_tj|``, the gated MLP's activation, thresholded
   before it multiplies ``up(x)``; so the input of ``down_proj`` is as sparse. Gated MLPs only
@@ -24,6 +40,18 @@ from torch import nn
 from ..engine.targets import Target
 
 CRITERIA = ("teal", "wina", "cats")
+WINA_LAYOUTS = ("official", "stacked")
+# maps scored with their own column norms under WINA 'official' (wina/self_attn.py, wina/mlp.py: k_proj,
+# gate_proj, Phi-3's fused qkv_proj and gate_up_proj; the others by role); every other reader: |x| alone
+WINA_NORMED = frozenset({"k_proj", "gate_proj", "qkv_proj", "gate_up_proj", "w1", "c_attn", "query_key_value",
+                         "Wqkv", "fc1", "c_fc"})
+
+
+def wina_normed(name: str, module: nn.Module) -> bool:
+    """Whether WINA 'official' scores the input of ``name`` with its column norms (see :data:`WINA_NORMED`);
+    a fused-experts module (no Linear weight, a 3-D ``gate_up_proj``) is."""
+    return name.rsplit(".", 1)[-1] in WINA_NORMED or not (isinstance(module, nn.Linear)
+                                                            or type(module).__name__ == "Conv1D")
 
 
 def reader_weights(module: nn.Module) -> torch.Tensor:

@@ -20,7 +20,8 @@ class ActivationOptions(Settings):
     activation: Literal["teal", "wina", "cats"] | None = Field(
         None, description="Activation sparsity: calibrated thresholds that zero small entries of the inputs of the "
         "decoder layers' linear maps at inference, stored in config.json and applied by llmprune.load. 'teal' |x| "
-        "on every input; 'wina' |x_j|·‖W_:,j‖₂; 'cats' |act(gate(x))| of gated MLPs only. None: dense activations.",
+        "on every input; 'wina' |x_j|·‖W_:,j‖₂ (see --activation-wina); 'cats' |act(gate(x))| of gated MLPs only. "
+        "None: dense activations.",
     )
     activation_sparsity: float | None = Field(
         None, description="Activation sparsity: target fraction of zeroed entries, model-wide, weighted by the "
@@ -33,6 +34,18 @@ class ActivationOptions(Settings):
     activation_greedy_step: float = Field(
         0.025, gt=0, lt=1, description="Activation greedy allocation: weighted layer sparsity added per step "
         "(smaller: finer allocation, more layer forwards).",
+    )
+    activation_prefill: float = Field(
+        0.0, ge=0, le=1, description="Activation sparsity at inference: decode steps (one position per call) are "
+        "always thresholded; of a longer call (a prefill) only the last fraction of its positions. 0: prefill "
+        "dense, decode only (where the speed is; TEAL's kernels); 0.5: TEAL's reference and paper evaluations; "
+        "0.99: WINA's reference; 1: every position. Stored in config.json; calibration and perplexity "
+        "protocols do not depend on it.",
+    )
+    activation_wina: Literal["official", "stacked"] = Field(
+        "official", description="WINA layout: 'official' (microsoft/wina: q, k, v and gate, up each with their own "
+        "threshold; column norms on k_proj and gate_proj only, |x| on the others) or 'stacked' (one threshold per "
+        "input tensor, column norms of the stacked readers on every tensor).",
     )
     activation_holdout: str | None = Field(
         "wikitext2", description="Activation sparsity: held-out text the reached sparsity is measured on (a perplexity "
@@ -62,6 +75,10 @@ class ActivationOptions(Settings):
             if stray:
                 raise ValueError(f"{', '.join(stray)} set but no activation criterion; add --activation teal "
                                  "(or wina, cats), or remove them")
+        elif self.activation != "wina" and "activation_wina" in self.model_fields_set \
+                and self.activation_wina != type(self).model_fields["activation_wina"].default:
+            raise ValueError(f"activation_wina = {self.activation_wina!r} set but the criterion is "
+                             f"{self.activation!r}; it applies to --activation wina only, remove it")
         return self
 
     @property

@@ -25,6 +25,8 @@ class ActivationResult:
     seconds: float = 0.0
     step: float | None = None
     holdout: dict[str, Any] | None = None  # measured sparsity on held-out text (see measure_holdout)
+    wina: str | None = None  # wina: 'official' (a threshold per reader) or 'stacked' (one per tensor)
+    prefill: float = 1.0  # fraction of each multi-position call's last positions thresholded (apply.py)
 
     @property
     def calibration_sparsity(self) -> dict[str, float | None]:
@@ -41,19 +43,22 @@ class ActivationResult:
                                  "target": round(s.target, 6) if s.target is not None else None,
                                  "calibration": round(s.calibration, 6) if s.calibration is not None else None,
                                  "measured": round(s.measured, 6) if s.measured is not None else None,
-                                 "weights": s.weights}
+                                 "weights": s.weights, **({"norms": s.norms} if s.norms is not None else {})}
         return {
-            "criterion": self.criterion, "allocation": self.allocation, "target_sparsity": self.target,
+            "criterion": self.criterion, **({"wina": self.wina} if self.wina else {}), "allocation": self.allocation,
+            "target_sparsity": self.target, "prefill": self.prefill,
             "calibration_sparsity": _round(self.calibration_sparsity["weighted"]),
             "measured_sparsity": _round((self.holdout or {}).get("weighted")),
             **({"measured_on": {k: v for k, v in self.holdout.items() if k not in ("tensors",)}}
                if self.holdout else {}),
             **({"greedy_step": self.step} if self.allocation == "greedy" else {}),
             "meaning": "entries of each listed module's input (site 'input'; 'output': the module's output) whose "
-                       "score is below 'threshold' are set to zero at inference; score |x| (teal, cats) or "
-                       "|x_j|*||W[:, j]||_2 over the group's stacked weights (wina); modules with the same 'group' "
-                       "read one tensor. Installed by llmprune.load / llmprune.apply_activation_sparsity; "
-                       "transformers alone ignores it (dense activations).",
+                       "score is below 'threshold' are set to zero at inference; score |x| (teal, cats, and wina "
+                       "where 'norms' is false) or |x_j|*||W[:, j]||_2 over the group's stacked weights (wina); "
+                       "modules with the same 'group' share one mask. Applied to every decode step (one position "
+                       "per call) and to the last 'prefill' fraction of the positions of a longer call. Installed "
+                       "by llmprune.load / llmprune.apply_activation_sparsity; transformers alone ignores it "
+                       "(dense activations).",
             "thresholds": thresholds,
         }
 
@@ -66,8 +71,9 @@ def _round(x: float | None) -> float | None:
 def measure_holdout(model: nn.Module, handle, input_ids: torch.Tensor, device: torch.device,
                     description: dict[str, Any]) -> dict[str, Any]:
     """Sparsity the installed thresholds reach on held-out windows ``input_ids [n, L]``: per tensor
-    (written into each spec's ``measured``) and model-wide (over entries, and weighted by weights fed)."""
-    with inference_state(model), handle.measure():
+    (written into each spec's ``measured``) and model-wide (over entries, and weighted by weights fed), with
+    every position of the windows thresholded (as a decode step is), whatever the installed ``prefill``."""
+    with inference_state(model), handle.measure(), handle.applied(1.0):
         for row in input_ids:
             model(input_ids=row[None].to(device), use_cache=False)
     got = handle.sparsity()

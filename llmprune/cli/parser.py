@@ -51,7 +51,7 @@ TOPICS: dict[str, tuple[str, ...]] = {
     "model and device": ("device", "dtype", "trust_remote_code", "allow_pickle"),
     "memory and execution": ("low_memory", "sequential", "execution", "batch_size"),
     "activation sparsity": ("activation", "activation_sparsity", "activation_allocation", "activation_greedy_step",
-                            "activation_holdout", "activation_holdout_windows"),
+                            "activation_prefill", "activation_wina", "activation_holdout", "activation_holdout_windows"),
     "structured removal (a smaller dense model)": (
         "structure", "remove_heads", "remove_kv_heads", "remove_channels", "remove_layers", "remove_experts",
         "structure_budget", "depth_method", "depth_windows"),

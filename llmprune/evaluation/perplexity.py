@@ -14,6 +14,17 @@ The token stream is cut into non-overlapping windows of ``seqlen`` tokens (the t
 a window is dropped); perplexity is ``exp`` of the mean next-token NLL over all scored tokens
 (``seqlen - 1`` per window), with the log-softmax taken in float32.
 
+A model with activation thresholds installed is scored by one of two protocols
+(``activation_protocol``), whatever positions its thresholds apply to when it generates:
+
+- ``all`` (llmprune's): the windows above, every position of every window thresholded, every token
+  scored, so every scored token saw only sparse activations, and so did its whole context;
+- ``teal``: TEAL's ``utils/eval_ppl.py`` with its model's ``SparsifyFn(apply_prefill=True)``: windows
+  of ``seqlen + 512`` tokens starting every 512 tokens (the tail shorter than a window dropped), the
+  last 512 tokens of each scored, the last half of each window's positions thresholded (the first
+  half dense, as a prompt before decode steps). The scored tokens are all thresholded; their context
+  is dense for its first half. A dense model scored by ``teal`` uses the same windows (its reference).
+
 A result names its text without local paths (``source``) and fingerprints it: ``data_sha256`` is the
 sha256 prefix of the local file read (so that results can tell when a perplexity was measured on the
 calibration data, see :mod:`.results`), ``fingerprint`` that of the scored token windows.
@@ -21,6 +32,7 @@ calibration data, see :mod:`.results`), ``fingerprint`` that of the scored token
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -32,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..activation.apply import installed
 from ..calibration import file_sha256, read_records, resolve_data_dir
 from ..loading.models import cache_dir
 from ..runtime.hub import hub_unreachable, offline_mode
@@ -43,6 +56,8 @@ C4_LOCAL = "c4/c4_validation_2k.jsonl"  # the data dir's C4 slice: offline calib
 C4_HUB_FILE = "en/c4-validation.00000-of-00008.json.gz"  # allenai/c4, as in the papers' code
 C4_DOCS = 1100
 C4_WINDOWS = 256
+ACTIVATION_PROTOCOLS = ("all", "teal")
+TEAL_SCORED = 512  # TEAL's utils/eval_ppl.py window_size: tokens scored per window, and the stride
 
 
 class DatasetError(ValueError):
@@ -62,6 +77,7 @@ class PerplexityResult:
     comparable: bool  # False: not comparable with published numbers (see results: overlaps_calibration)
     seconds: float
     data_sha256: str | None = None  # sha256 prefix of the local file read; None from the Hub
+    protocol: str | None = None  # activation thresholds installed: 'all' or 'teal' (see the module docstring)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,8 +225,9 @@ CE_CHUNK_ELEMENTS = 1 << 22  # logits per cross-entropy call (16 MB in float32)
 
 @torch.inference_mode()
 def window_nll(model, windows: torch.Tensor, batch_size: int = 1, device: torch.device | None = None,
-               progress: bool = False, desc: str = "perplexity") -> float:
-    """Summed next-token NLL of ``windows [n, L]`` under ``model`` (float32 log-softmax)."""
+               progress: bool = False, desc: str = "perplexity", score_last: int | None = None) -> float:
+    """Summed next-token NLL of ``windows [n, L]`` under ``model`` (float32 log-softmax); of the last
+    ``score_last`` tokens of each window only, when given."""
     from tqdm.auto import tqdm
 
     device = device if device is not None else next(model.parameters()).device
@@ -220,7 +237,8 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1, device: torch.
     for b in range(0, n, batch_size):
         x = windows[b : b + batch_size].to(device)  # [b, L]
         logits = model(input_ids=x, use_cache=False).logits  # [b, L, V]
-        flat, target = logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()  # [b(L-1), V], [b(L-1)]
+        first = 0 if score_last is None else L - 1 - score_last  # the first scored prediction
+        flat, target = logits[:, first:-1].flatten(0, 1), x[:, first + 1:].flatten()  # [b(L-1), V], [b(L-1)]
         # cross_entropy = fused log-softmax + gather, in float32 whatever the model's dtype, over
         # rows of ~16 MB: the log-softmax temporaries stay small (a [L, V] copy would be fresh,
         # page-faulted memory for every window)
@@ -247,40 +265,55 @@ def perplexity(
     source: str = "",
     comparable: bool = True,
     data_sha256: str | None = None,
+    activation_protocol: str = "all",
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on ``text`` (tokenized once) or on a token stream ``input_ids [T]``."""
+    """Perplexity of ``model`` on ``text`` (tokenized once) or on a token stream ``input_ids [T]``;
+    ``activation_protocol`` ('all' or 'teal', see the module docstring) for a model with activation
+    thresholds, and for the dense reference of 'teal'."""
+    if activation_protocol not in ACTIVATION_PROTOCOLS:
+        raise ValueError(f"unknown activation protocol {activation_protocol!r}; choose one of: "
+                         f"{', '.join(ACTIVATION_PROTOCOLS)}")
     t0 = time.perf_counter()
     if input_ids is None:
         if text is None or tokenizer is None:
             raise ValueError("give either input_ids or both text and tokenizer")
         input_ids = tokenize_once(tokenizer, text)  # [T]
     input_ids = input_ids.reshape(-1)
-    n = input_ids.numel() // seqlen
+    teal = activation_protocol == "teal"
+    length, stride = (seqlen + TEAL_SCORED, TEAL_SCORED) if teal else (seqlen, seqlen)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if teal and isinstance(context, int) and TEAL_SCORED < context < length:
+        length = context  # the scored tokens keep what context the model has
+    n = (input_ids.numel() - length) // stride + 1 if input_ids.numel() >= length else 0
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
         raise DatasetError(
-            f"{dataset}: the text has {input_ids.numel()} tokens, fewer than one window of {seqlen}; "
+            f"{dataset}: the text has {input_ids.numel()} tokens, fewer than one window of {length}; "
             "lower --seqlen or give more text"
         )
-    windows = input_ids[: n * seqlen].reshape(n, seqlen)  # [n, L]
+    windows = input_ids.unfold(0, length, stride)[:n].contiguous()  # [n, L]
     fingerprint = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
     device = torch.device(device) if device is not None else None
     was_training = model.training
     model.eval()
+    thresholds = installed(model)
     try:
-        total = window_nll(model, windows, batch_size, device, progress, desc=f"ppl {dataset}")
+        with thresholds.applied(0.5 if teal else 1.0) if thresholds is not None else contextlib.nullcontext():
+            total = window_nll(model, windows, batch_size, device, progress, desc=f"ppl {dataset}",
+                               score_last=TEAL_SCORED if teal else None)
     finally:
         model.train(was_training)
-    tokens = n * (seqlen - 1)
+    tokens = n * (TEAL_SCORED if teal else seqlen - 1)
     nll = total / tokens
-    return PerplexityResult(dataset, math.exp(nll), nll, seqlen, n, tokens, fingerprint, source, comparable,
-                            time.perf_counter() - t0, data_sha256)
+    return PerplexityResult(dataset, math.exp(nll), nll, length, n, tokens, fingerprint, source, comparable,
+                            time.perf_counter() - t0, data_sha256,
+                            activation_protocol if thresholds is not None or teal else None)
 
 
 def dataset_perplexity(model, tokenizer, name: str, seqlen: int = 2048, max_windows: int | None = None,
                        batch_size: int = 1, data_dir: str | Path | None = None, device=None,
-                       progress: bool = False) -> PerplexityResult:
+                       progress: bool = False, activation_protocol: str = "all") -> PerplexityResult:
     """Perplexity on a named dataset (``wikitext2``, ``c4``) or a text/jsonl file, the papers' way."""
     src = load_text(name, data_dir)
     ids = tokenize_once(tokenizer, src.text)  # [T]
@@ -288,4 +321,4 @@ def dataset_perplexity(model, tokenizer, name: str, seqlen: int = 2048, max_wind
         ids = ids[: src.max_tokens_windows * seqlen]
     return perplexity(model, input_ids=ids, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
                       device=device, progress=progress, dataset=src.name, source=src.source,
-                      comparable=src.comparable, data_sha256=src.sha256)
+                      comparable=src.comparable, data_sha256=src.sha256, activation_protocol=activation_protocol)

@@ -46,9 +46,10 @@ def activation_pass(run, config, tokenizer=None) -> tuple[ActivationResult, Any]
     """Calibrate thresholds over ``run`` (a :class:`~llmprune.engine.SequentialRun` on the calibration
     tokens), install them on the model and measure them on held-out text: ``(result, handle)``."""
     cal = ActivationCalibration(config.activation, config.activation_target, config.activation_allocation,
-                                step=config.activation_greedy_step, seed=config.seed)
+                                step=config.activation_greedy_step, seed=config.seed, wina=config.activation_wina,
+                                prefill=config.activation_prefill)
     result = cal.run(run)
-    handle = install(run.model, result.criterion, result.specs)
+    handle = install(run.model, result.criterion, result.specs, prefill=result.prefill)
     seqlen = int(run.chunks[0].shape[1])
     held = holdout_windows(config, tokenizer, seqlen) if seqlen > 1 else None
     if held is not None:
