@@ -1,7 +1,7 @@
 """Benchmark: weight reconstruction (ADMM / conjugate gradients on the mask), ALPS, EoRA compensation.
 
 Protocol (issue 15, that of eval/results/prune.md): the embedded SmolLM2-135M-Instruct in float32;
-calibration 32 windows x 512 tokens from the local C4 slice, seed 0; perplexity on WikiText-2 raw
+calibration 32 windows x 512 tokens from the local C4 slice, seed 0 (`@seedN`: seed N); perplexity on WikiText-2 raw
 test, seqlen 2048, first 16 windows (dense 20.60). Every prune is a separate `llmprune prune`
 process, timed end to end (load, calibrate, prune, save), its peak memory the process's own VmHWM
 (see eval/bench_sparsity.py). The perplexity of each output is computed afterwards; a checkpoint
@@ -16,7 +16,10 @@ results (no perplexity), for a re-run on an otherwise idle machine.
 
 A config is ``method:S`` or ``method:N:M``, followed by any of ``+admm`` (``--reconstruct admm``),
 ``+admmN`` (with ``--admm-iters N`` ADMM iterations before the conjugate gradients), ``+eoraR``
-(``--compensate eora --rank R``) and ``+owl``. Rows of configs not re-run are kept. The plain
+(``--compensate eora --rank R``), ``+owl`` and ``+field=value`` (any config field, given as
+``--field value``: ``+admm_damp=0.1``). ``--seeds 0 1 2`` runs each config once per calibration seed
+(rows of seeds other than 0 are named ``config@seedN``) and ``--results eval/results/protocols``
+writes elsewhere (with ``--title``). Rows of configs not re-run are kept. The plain
 pruners' rows (no reconstruction, no adapter) are taken from eval/results/sparsity.json and
 prune.json where they were measured on the same protocol (marked), unless re-run here.
 Writes eval/results/reconstruct.md and eval/results/reconstruct.json.
@@ -62,8 +65,11 @@ def parse(spec: str) -> tuple[str, list[str]]:
             flags += ["--compensate", "eora", "--rank", m.group(1)]
         elif x == "owl":
             flags += ["--allocation", "owl"]
+        elif m := re.fullmatch(r"([a-z][a-z0-9_]*)=(.+)", x):
+            flags += ["--" + m.group(1).replace("_", "-"), m.group(2)]
         else:
-            raise SystemExit(f"unknown config part {x!r} in {spec!r}; use +admm, +admmN, +eoraR or +owl")
+            raise SystemExit(f"unknown config part {x!r} in {spec!r}; use +admm, +admmN, +eoraR, +owl or "
+                             "+field=value")
     return base, flags
 
 
@@ -155,6 +161,9 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ppl-seqlen", type=int, default=2048)
     ap.add_argument("--ppl-windows", type=int, default=16)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0],
+                    help="calibration seeds; each config runs once per seed (rows of seed N > 0: config@seedN)")
+    ap.add_argument("--title", default="Weight reconstruction (ADMM / CG on the mask), ALPS and EoRA compensation")
     ap.add_argument("--workdir", default="/tmp/llmprune-bench-reconstruct")
     ap.add_argument("--results", default=str(HERE / "results" / "reconstruct"))
     ap.add_argument("--base-ppl", action="store_true",
@@ -177,12 +186,13 @@ def main() -> int:
     rows = {r["config"]: r for r in state.get("results", [])}
     commands = state.get("commands", [])
     commands.append("python eval/bench_reconstruct.py " + " ".join(sys.argv[1:]))
-    for spec in args.configs:
+    for spec, seed in [(c, s) for s in args.seeds for c in args.configs]:
         _, flags = parse(spec)
-        folder = work / spec.replace(":", "_").replace("+", "-")
+        spec = spec if seed == 0 else f"{spec}@seed{seed}"
+        folder = work / re.sub(r"[^\w.=-]", "_", spec)
         hwm = work / "hwm.txt"
         cmd = [sys.executable, "-c", HWM_WRAPPER, "prune", *flags, "--calib", "c4", "--data-dir", args.data_dir,
-               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0", "--dtype", "float32",
+               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(seed), "--dtype", "float32",
                "--device", "cpu", "--output", str(folder), "--overwrite", "--quiet"]
         meas = run_measured(cmd, {**env, "LLMPRUNE_BENCH_HWM": str(hwm)})
         if meas["rc"] != 0:
@@ -203,7 +213,8 @@ def main() -> int:
             rows[spec].update(timing, timed_alone=True)
         else:
             ppl = perplexities(folder, args.data_dir, args.ppl_seqlen, args.ppl_windows, args.base_ppl)
-            rows[spec] = {"config": spec, **ppl, **timing, "errors": layer_errors(report)}
+            rows[spec] = {"config": spec, "seed": seed, **ppl, **timing, "errors": layer_errors(report),
+                          "masks_sha256": report.get("masks_sha256")}
         shutil.rmtree(folder, ignore_errors=True)
         r = rows[spec]
         print(f"{spec:26s} ppl {r['ppl']:9.2f}  wall {meas['wall_s']:6.1f}s  RSS {meas['peak_rss_mb']:5.0f} MB  "
@@ -214,7 +225,7 @@ def main() -> int:
 
 
 def _level(config: str) -> str:
-    return config.split("+")[0].split(":", 1)[1]
+    return config.split("@")[0].split("+")[0].split(":", 1)[1]
 
 
 def write(out: Path, state: dict, args: argparse.Namespace) -> None:
@@ -222,9 +233,9 @@ def write(out: Path, state: dict, args: argparse.Namespace) -> None:
 
     rows = {r["config"]: r for r in state["results"]}
     earlier = {k: v for k, v in earlier_rows().items() if k not in rows and _level(k) in LEVELS
-               and k.split(":")[0] in ("sparsegpt", "wanda")}
+               and k.split(":")[0] in ("sparsegpt", "wanda") and out.name == "reconstruct"}
     lines = [
-        "# Weight reconstruction (ADMM / CG on the mask), ALPS and EoRA compensation",
+        f"# {args.title}",
         "",
         *[f"- command: `{c}`" for c in state["commands"]],
         f"- machine: {machine()}; wall times marked ⁽ᵃ⁾ were measured on an otherwise idle machine (`--alone` or "
@@ -232,7 +243,7 @@ def write(out: Path, state: dict, args: argparse.Namespace) -> None:
         f"- date: {datetime.date.today().isoformat()}",
         f"- versions: torch {md.version('torch')}, transformers {md.version('transformers')}",
         f"- protocol: embedded SmolLM2-135M-Instruct, float32, CPU; calibration {args.nsamples} x {args.seqlen} "
-        f"tokens from the local C4 slice, seed 0; perplexity on WikiText-2 raw test, seqlen {args.ppl_seqlen}, first "
+        f"tokens from the local C4 slice, seed 0 (`@seedN`: seed N); perplexity on WikiText-2 raw test, seqlen {args.ppl_seqlen}, first "
         f"{args.ppl_windows} windows (dense 20.60). EoRA rows: base + adapter loaded through `peft`; their base "
         "alone in the next column. Wall time and peak memory of the whole `llmprune prune` process; prune (s): the "
         "report's own timing of the pruning pass. Layer error: relative output error ‖(W − Ŵ)X‖/‖WX‖ over every "

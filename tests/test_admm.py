@@ -14,7 +14,7 @@ from llmprune.pruners.sparsegpt import SparseGPT
 from llmprune.pruners.wanda import Wanda
 from llmprune.registry import lookup
 from llmprune.stats import InputStats
-from llmprune.steps.admm import ADMM
+from llmprune.steps.admm import ADMM, ADMM_DAMP
 
 PATTERNS = [(0.5, None), (0.7, None), (0.5, (2, 4)), (0.5, (4, 8))]
 
@@ -67,7 +67,7 @@ def test_reaches_the_least_squares_optimum_on_the_support(sparsity, nm, damp):
     W, X, stats = make_layer(0)
     res = Wanda().prune(W, stats, sparsity, nm)
     want = optimum(W, res.M, stats, damp)
-    got, info = ADMM(damp=damp, admm_pcg_iters=300, admm_tol=0).reconstruct(W, res, stats, nm)
+    got, info = ADMM(admm_damp=damp, admm_pcg_iters=300, admm_tol=0).reconstruct(W, res, stats, nm)
     check_mask_kept(got, res, nm)
     assert torch.allclose(got.W, want, atol=2e-4 * float(want.abs().max()))
     assert info.error_after < info.error_before
@@ -81,7 +81,7 @@ def test_reaches_the_least_squares_optimum_on_the_support(sparsity, nm, damp):
 def test_admm_iterations_converge_to_the_optimum(sparsity, nm):
     W, _, stats = make_layer(1)
     res = Wanda().prune(W, stats, sparsity, nm)
-    want = optimum(W, res.M, stats, 0.01)
+    want = optimum(W, res.M, stats, ADMM_DAMP)
     got, info = ADMM(admm_iters=200, admm_pcg_iters=0, admm_tol=1e-7).reconstruct(W, res, stats, nm)
     check_mask_kept(got, res, nm)
     assert torch.allclose(got.W, want, atol=2e-3 * float(want.abs().max()))
@@ -109,7 +109,7 @@ def test_never_increases_the_error_of_sparsegpt_or_wanda(pruner, sparsity, nm):
 def test_a_row_already_optimal_is_returned_unchanged():
     W, _, stats = make_layer(2)
     res = Wanda().prune(W, stats, 0.5)
-    best = PruneResult(optimum(W, res.M, stats, 0.01), res.M)
+    best = PruneResult(optimum(W, res.M, stats, ADMM_DAMP), res.M)
     got, info = ADMM().reconstruct(W, best, stats)
     assert torch.allclose(got.W, best.W, atol=1e-5)
     assert info.error_after == pytest.approx(info.error_before, rel=1e-6)  # float noise only
@@ -134,16 +134,34 @@ def test_registration_options_and_errors():
     params = inspect.signature(ADMM.__init__).parameters
     assert all(o in params for o in ADMM.options)
     assert ADMM.needs == {"hessian"}
-    r = ADMM.from_config(SimpleNamespace(damp=0.02, admm_iters=5, admm_rho=2.0, admm_pcg_iters=7, admm_tol=1e-4))
+    r = ADMM.from_config(SimpleNamespace(admm_damp=0.02, admm_iters=5, admm_rho=2.0, admm_pcg_iters=7, admm_tol=1e-4))
     assert (r.damp, r.iters, r.rho, r.pcg_iters, r.tol) == (0.02, 5, 2.0, 7, 1e-4)
     for bad, match in [(dict(admm_iters=-1), "admm_iters"), (dict(admm_pcg_iters=1.5), "admm_pcg_iters"),
                        (dict(admm_rho=0.0), "admm_rho"), (dict(admm_tol=-1.0), "admm_tol"),
-                       (dict(admm_iters=0, admm_pcg_iters=0), "both 0"), (dict(damp=1.0), "damp")]:
+                       (dict(admm_iters=0, admm_pcg_iters=0), "both 0"), (dict(admm_damp=1.0), "admm_damp")]:
         with pytest.raises(ValueError, match=match):
             ADMM(**bad)
     W, _, _ = make_layer(0)
     with pytest.raises(ValueError, match="Hessian"):
         ADMM().reconstruct(W, Wanda().prune(W, make_layer(0)[2], 0.5), InputStats({"sq"}, n=1, sq=torch.ones(32)))
+
+
+def test_its_damping_is_its_own_not_the_pruners():
+    from llmprune.config import ConfigError, PruneConfig
+    from llmprune.pipeline.prune import build_methods
+
+    assert ADMM().damp == ADMM_DAMP == PruneConfig.build({"reconstruct": "admm"}).admm_damp == 0.01  # measured
+    cfg = PruneConfig.build({"method": "sparsegpt", "damp": 0.05, "reconstruct": "admm", "admm_damp": 0.2})
+    pruner = build_methods(cfg)[0]
+    assert (pruner.damp, ADMM.from_config(cfg).damp) == (0.05, 0.2)
+    with pytest.raises(ConfigError, match="option 'damp' belongs to"):  # SparseGPT's damp no longer reaches ADMM
+        PruneConfig.build({"method": "wanda", "reconstruct": "admm", "damp": 0.05})
+    W, X, stats = make_layer(5)
+    res = Wanda().prune(W, stats, 0.5)
+    for damp in (0.01, 0.1):  # each damping reaches its own optimum
+        got, _ = ADMM(admm_damp=damp, admm_pcg_iters=300, admm_tol=0).reconstruct(W, res, stats)
+        want = optimum(W, res.M, stats, damp)
+        assert torch.allclose(got.W, want, atol=2e-4 * float(want.abs().max()))
 
 
 def test_plan_runs_it_after_the_pruner_and_reports_the_errors():

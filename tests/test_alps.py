@@ -58,6 +58,32 @@ def test_the_eigendecomposition_is_shared_by_modules_on_one_input(monkeypatch):
     assert alps.last["iterations"] > 0 and alps.last["rho"] > 0
 
 
+class _OneFlipPerCall(ALPS):
+    """ALPS whose projection keeps the first magnitude mask but flips one weight on every call: the support
+    changes by exactly one weight at every check (fewer than 0.0003 k here, more than none)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls, self.base = 0, None
+
+    def _project(self, B, sparsity, nm):
+        if self.base is None:
+            self.base = ALPS._project(B, sparsity, nm)
+        self.calls += 1
+        M = self.base.clone()
+        M.view(-1)[0] ^= bool(self.calls % 2)
+        return M
+
+
+def test_the_nearly_fixed_support_stops_it_at_the_references_iteration():
+    # the reference checks every 3 iterations and stops on a nearly fixed support once i_admm >= 30
+    # (0-based): at iteration 33, not at the check of iteration 30
+    W, _, stats = make_layer(7, out=128, cols=64)  # k = 4096 kept: one change is < 0.0003 k
+    alps = _OneFlipPerCall()
+    alps.prune(W, stats, 0.5)
+    assert alps.last["iterations"] == 33
+
+
 def test_no_admm_iterations_is_magnitude_on_the_normalised_weight_then_the_back_solve():
     W, X, stats = make_layer(7)
     res = ALPS(alps_iters=0).prune(W, stats, 0.5)

@@ -36,9 +36,11 @@ def test_a_methods_options_are_its_models_fields_and_config_fields(method, optio
 
 def test_damp_is_declared_once_and_shared():
     damp = SparseGPTOptions.model_fields["damp"]
-    for options in (ALPSOptions, ADMMOptions, EoRAOptions):
+    for options in (ALPSOptions, EoRAOptions):
         assert _same_field(options.model_fields["damp"], damp)
-    assert {"sparsegpt", "alps", "admm", "eora"} <= option_owners()["damp"]  # and the structured width methods
+    owners = option_owners()["damp"]  # other methods may share it too (activation, flap, search)
+    assert {"sparsegpt", "alps", "eora"} <= owners and "admm" not in owners  # ADMM has its own admm_damp
+    assert option_owners()["admm_damp"] == {"admm"}
 
 
 def test_fields_keep_their_order_core_options_activation_engine():

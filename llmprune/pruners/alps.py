@@ -15,7 +15,10 @@ with ``D_0`` the magnitude projection of ``Wn`` and ``V_0 = 0``. The penalty fol
 schedule: every 3 iterations, with ``s_t`` the number of weights whose membership of the support
 changed since the last check, ``ρ ← 1.3ρ`` if ``s_t > 0.1k``, ``1.2ρ`` if ``s_t > 0.005k``,
 ``1.1ρ`` if any changed (``ρ/5`` and a restart while ρ has never been raised: it started too large),
-and stop once no weight changes (or, after 30 iterations, fewer than ``0.0003k``); ρ ≤ 10⁶.
+and stop once no weight changes (or, at a check after the 30th iteration index, i.e. from iteration 33
+on, fewer than ``0.0003k``: the reference's ``i_admm >= switch_iter`` on its 0-based ``i_admm``); ρ ≤ 10⁶.
+(Until 2026-12-07 that stop came one check early, at iteration 30; it only differs where a module's
+support still changes at iteration 30, by fewer than 0.0003k weights. Not yet measured on the benchmark protocol: eval/results/protocols.md gives the command.)
 ``(Hn + ρI)⁻¹ = Q diag(1/(L + ρ)) Qᵀ`` comes from one eigendecomposition of ``Hn``, computed once
 per input and shared by the modules fed the same tensor (q/k/v, gate/up). The support of the last
 ``B`` is then fixed and conjugate gradients on it (the reference's ``cg_batch``; here
@@ -52,7 +55,8 @@ from .sparsegpt import SparseGPTOptions
 log = logging.getLogger(__name__)
 
 UPDATE_EVERY = 3  # iterations between support checks and ρ updates (the reference's update_iter)
-SWITCH_ITER = 30  # after this many iterations a nearly fixed support (< 0.0003 k changes) ends the ADMM
+SWITCH_ITER = 30  # from the first check after iteration index 30 (iteration 33) a nearly fixed support
+#                   (< 0.0003 k changes) ends the ADMM, as the reference's `i_admm >= switch_iter`
 RHO_MAX = 1e6
 PCG_TOL = 1e-4
 
@@ -145,7 +149,7 @@ class ALPS(Pruner):
                 rho /= 5
             rho = min(rho, RHO_MAX)
             Hinv = nh.inverse(rho, cache=False)
-            if t + 1 >= SWITCH_ITER and change < 0.0003 * k:
+            if t >= SWITCH_ITER and change < 0.0003 * k:  # the reference's i_admm >= switch_iter
                 break
         M = self._project(B, sparsity, nm)  # [out, in] the support of the last B
         X = B * M  # [out, in]

@@ -376,6 +376,7 @@ def apply_thread_policy(threads: str | int | None = None, *, environ: Any = None
     for k, v in policy.env.items():
         environ[k] = v
     _applied = policy
+    _changes.clear()  # a new policy starts a new record of changes
     log.info("threads: %s (%s)", policy.threads if policy.threads is not None else "torch default", policy.reason)
     if torch_loaded:
         sync_torch()
