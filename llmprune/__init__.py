@@ -22,6 +22,8 @@ _EXPORTS = {
     "apply_activation_sparsity": ".activation",
     "MergeReport": ".recovery", "SparsityError": ".recovery", "SparsityKeeper": ".recovery",
     "merge_and_keep_sparsity": ".recovery", "unwrap_model": ".recovery",
+    "recover": ".recovery", "recover_checkpoint": ".recovery", "RecoverConfig": ".recovery",
+    "RecoverResult": ".recovery", "DistillLoss": ".recovery", "DistillationTrainer": ".recovery",
     "compress": ".checkpoint", "decompress": ".checkpoint", "load": ".checkpoint", "push": ".checkpoint",
 }
 

@@ -292,3 +292,14 @@ def test_structured_output_composes_with_a_second_prune(tiny_llama_dir, tmp_path
     assert model.config.intermediate_size == 96
     down = model.model.layers[0].mlp.down_proj.weight
     assert down.shape == (64, 96) and float((down == 0).float().mean()) == pytest.approx(0.5)
+
+
+def test_budget_counts_the_removed_layers():
+    model = make_tiny_model("llama", num_hidden_layers=4)
+    rep = prune_model(model, None, PruneConfig(structure_budget=0.4, remove_layers=1, nsamples=8, seqlen=32),
+                      calibration=_ids(), progress=False)
+    assert 0.4 <= rep.structure["decoder_params"]["fraction_removed"] < 0.47  # of the 4-layer decoder
+    with pytest.raises(ConfigError, match="already exceeded"):
+        prune_model(make_tiny_model("llama", num_hidden_layers=4), None,
+                    PruneConfig(structure_budget=0.2, remove_layers=1, nsamples=8, seqlen=32),
+                    calibration=_ids(), progress=False)

@@ -122,6 +122,8 @@ def build_card(folder: str | Path, *, license: str | None = None, repo_id: str |
         label = f"structured-{round(100 * removed)}pct"
     else:
         label = f"{method}-{pattern}"
+    if meta.get("recovery"):
+        tags.append("distilled" if meta["recovery"].get("method") == "distillation" else "fine-tuned")
     name = repo_id.split("/")[-1] if repo_id else f"{_model_label(model).split('/')[-1]}-{label}"
     data = ModelCardData(
         base_model=base,
@@ -153,6 +155,22 @@ def _structure_section(st: dict) -> list[str]:
     return lines + [""]
 
 
+def _recovery_lines(rec: dict) -> list[str]:
+    """What ``llmprune recover`` did after pruning: distilled (or fine-tuned) on what, how long."""
+    cfg, data = rec.get("config") or {}, rec.get("data") or {}
+    terms = [f"{w} x {name}" for name, w in (("logit KD", cfg.get("kd_weight")), ("SquareHead",
+             cfg.get("squarehead_weight")), ("LM loss", cfg.get("lm_weight"))) if w]
+    how = "distilled from " + str(rec.get("teacher")) if rec.get("method") == "distillation" else "fine-tuned"
+    lines = [f"Then {how} with `llmprune recover`{' (LoRA, merged keeping the zeros)' if cfg.get('lora') else ''}: "
+             f"{rec.get('steps')} steps, {rec.get('tokens'):,} tokens of {data.get('source')} (held apart from the "
+             f"calibration), loss {' + '.join(terms)}"
+             f"{'; the pruned weights stayed zero' if (rec.get('sparsity') or {}).get('revived') == 0 else ''}."]
+    if rec.get("evals"):
+        lines.append("Perplexity during recovery: " + ", ".join(f"step {e['step']}: {_fmt(e['ppl'])}"
+                                                              for e in rec["evals"]) + f" ({cfg.get('eval_ppl')}).")
+    return lines + [""]
+
+
 def _body(name: str, meta: dict, layout: dict | None, pruned, dense, model: str | None, repo_id: str | None) -> str:
     base = base_model_of(model)
     cal = meta.get("calibration") or {}
@@ -161,6 +179,8 @@ def _body(name: str, meta: dict, layout: dict | None, pruned, dense, model: str 
     where = repo_id or "PATH"
     lines = [f"# {name}", "",
              f"{_model_label(model)} pruned one-shot with [llmprune](https://pypi.org/project/llmprune/).", ""]
+    if meta.get("recovery"):
+        lines += _recovery_lines(meta["recovery"])
     structure = meta.get("structure")
     if structure:
         lines += _structure_section(structure)

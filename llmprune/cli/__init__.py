@@ -22,7 +22,7 @@ from ..runtime.threads import ThreadSettingError, apply_thread_policy, sync_torc
 
 log = logging.getLogger("llmprune")
 
-POLICY_COMMANDS = ("prune", "eval")  # the commands that compute: they get the thread policy
+POLICY_COMMANDS = ("prune", "eval", "recover")  # the commands that compute: they get the thread policy
 # ... and those whose thread count may follow the load while they run. Not prune: the summation order of its
 # statistics follows the thread count, so a change mid-run (another job using the CPU for a few seconds)
 # would change every later layer's masks. A prune keeps the count the policy chose at its start (recorded

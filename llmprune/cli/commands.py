@@ -23,7 +23,9 @@ from ..evaluation import compare_chart, compare_table, evaluate, save_all
 from ..evaluation.evaluate import preflight
 from ..loading.models import EMBEDDED, ModelLoadError
 from ..pipeline import streaming
-from .parser import config_from_args, eval_config_from_args
+from ..recovery.progress import describe_progress
+from ..recovery.recover import recover_checkpoint
+from .parser import config_from_args, eval_config_from_args, recover_config_from_args
 
 # Errors of bad input, answered with one line and exit 2: every ValueError (ConfigError, CalibrationError,
 # DatasetError, TaskError, ...) and the loaders' and writers' own.
@@ -52,6 +54,8 @@ def interrupted(ns: argparse.Namespace) -> str:
     """What an interrupted command left: for ``prune``, the progress kept for ``--resume`` (where, how large,
     how to continue or remove it); the scratch folders are gone by then."""
     kept = describe_partial(ns.output) if ns.command == "prune" else None
+    if ns.command == "recover":
+        kept = describe_progress(ns.output)
     return kept or "nothing was written"
 
 
@@ -115,6 +119,31 @@ def dense_model_of(pruned: str | None) -> str | None:
                       f"{pruned or ''}` ({EMBEDDED!r} names the embedded SmolLM2-135M-Instruct)")
 
 
+def cmd_recover(ns: argparse.Namespace) -> int:
+    """``llmprune recover``: the teacher is --teacher, else the dense model the checkpoint records."""
+    config = recover_config_from_args(ns)
+    teacher = config.teacher
+    if teacher is None and config.needs_teacher:
+        try:
+            teacher = dense_model_of(ns.pruned)
+        except ConfigError:
+            raise ConfigError(f"{ns.pruned!r} records no dense model to distil from; name the teacher with "
+                              f"--teacher MODEL ({EMBEDDED!r} names the embedded SmolLM2-135M-Instruct)") from None
+    elif teacher == EMBEDDED:
+        teacher = None
+    r = recover_checkpoint(ns.pruned, ns.output, config, teacher=teacher, overwrite=ns.overwrite, resume=ns.resume,
+                           progress=not ns.quiet)
+    first, last = r.history[0]["loss"], r.history[-1]["loss"]
+    print(f"recovered {r.steps} steps ({r.tokens:,} tokens, {r.seconds:.1f} s): loss {first:.4f} -> {last:.4f}")
+    if r.sparsity.get("after") is not None:
+        print(f"sparsity of the pruned weights: {r.sparsity['before']:.4f} -> {r.sparsity['after']:.4f} "
+              f"({r.sparsity['revived']} pruned weights non-zero)")
+    for e in r.evals:
+        print(f"  step {e['step']}: {config.eval_ppl} perplexity {e['ppl']:.3f}")
+    print(f"\nsaved to {ns.output}")
+    return 0
+
+
 def cmd_recipes(ns: argparse.Namespace) -> int:
     rows = recipe_summaries()
     width = max(len(name) for name, _ in rows)
@@ -139,5 +168,5 @@ def cmd_publish(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "recipes": cmd_recipes, "push": cmd_publish, "compress": cmd_publish,
+COMMANDS = {"eval": cmd_eval, "recover": cmd_recover, "recipes": cmd_recipes, "push": cmd_publish, "compress": cmd_publish,
             "decompress": cmd_publish}

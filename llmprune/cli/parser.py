@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..config import ConfigError, EvalConfig, PruneConfig, option_owners
+from ..recovery.options import RecoverConfig
 from . import publish
 
 PRUNE_EPILOG = """\
@@ -37,6 +38,29 @@ first 1,100 validation documents joined with " ", 256 windows), tokenized once, 
 windows of --seqlen tokens, mean token NLL. Tasks run in-process through lm-eval; with a data dir
 the offline task configs shipped with the package are used (official names, prompts and metrics).
 """
+
+RECOVER_EPILOG = """\
+examples:
+  llmprune recover out-wanda/ --calib c4 --steps 25 --batch-size 4 --seqlen 256 --output out-recovered/
+      (logit distillation from the dense model out-wanda/ records; --teacher MODEL names another)
+  llmprune recover out-2of4/ --teacher embedded --squarehead-weight 1 --eval-every 25 --output out-r/
+  llmprune recover out-wanda/ --lora --offline-teacher teacher-cache/ --output out-r/
+
+The masks stay exact (pruned weights zero, N:M groups whole); training windows are drawn from the
+source given, held apart from the pruning's calibration windows. config.json's llmprune block gets a
+"recovery" entry (steps, tokens, losses, teacher); the model card says it was distilled.
+"""
+
+# --help topics of `llmprune recover`
+RECOVER_TOPICS: dict[str, tuple[str, ...]] = {
+    "losses": ("kd_weight", "squarehead_weight", "lm_weight", "temperature", "top_k"),
+    "teacher": ("teacher", "offline_teacher", "offline_dtype"),
+    "training data": ("calib", "steps", "batch_size", "seqlen", "seed", "text_field", "data_dir"),
+    "optimizer": ("lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm"),
+    "LoRA": ("lora", "lora_r", "lora_alpha", "lora_targets"),
+    "model and device": ("device", "dtype", "autocast", "gradient_checkpointing"),
+    "evaluation and progress": ("eval_every", "eval_ppl", "eval_seqlen", "eval_windows", "save_every"),
+}
 
 # `llmprune eval`'s caps, also taken by `prune` for its --eval
 EVAL_CAPS = ("max_windows", "limit")
@@ -196,6 +220,26 @@ def build_parser(version: str = "") -> argparse.ArgumentParser:
     add_config_flags(e, PruneConfig, only=("device", "dtype", "trust_remote_code", "allow_pickle"))
     _add_common(e)
 
+    r = sub.add_parser(
+        "recover",
+        help="recover a pruned model: distillation from the dense model, the masks kept",
+        usage="llmprune recover PRUNED --output DIR [--teacher MODEL] [--calib SOURCE] [--steps N] [--lora] [options]",
+        description="Train the pruned checkpoint PRUNED against its dense teacher (logit KD, SquareHead and/or the "
+        "LM loss) with its zeros kept, and save it to --output.",
+        epilog=RECOVER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("pruned", metavar="PRUNED", help="The pruned checkpoint folder (llmprune prune --output).")
+    r.add_argument("--output", "-o", required=True, metavar="DIR", help="Folder to write the recovered model to.")
+    r.add_argument("--overwrite", action="store_true", help="Replace --output (and a kept progress) if it exists.")
+    r.add_argument("--resume", action="store_true", help="Continue an interrupted run from the progress it saved "
+                   "every --save-every steps; the result equals an uninterrupted run's.")
+    for title, names in RECOVER_TOPICS.items():
+        group = r.add_argument_group(title)
+        for name in names:
+            _add_flag(group, name, RecoverConfig.model_fields[name])
+    _add_common(r)
+
     sub.add_parser("recipes", help="list the packaged recipes (use one with prune --recipe NAME)",
                    description="List the recipes shipped with llmprune: each name and what it reproduces.")
     publish.add_parsers(sub, prune_parser=p)  # push, compress, decompress; prune --push-to-hub
@@ -205,6 +249,11 @@ def build_parser(version: str = "") -> argparse.ArgumentParser:
 def eval_config_from_args(ns: argparse.Namespace) -> EvalConfig:
     return EvalConfig.build({k: v for k, v in vars(ns).items() if k in EvalConfig.model_fields},
                             source="command line")
+
+
+def recover_config_from_args(ns: argparse.Namespace) -> RecoverConfig:
+    return RecoverConfig.build({k: v for k, v in vars(ns).items() if k in RecoverConfig.model_fields},
+                               source="command line")
 
 
 def config_from_args(ns: argparse.Namespace) -> PruneConfig:

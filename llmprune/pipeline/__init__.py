@@ -76,6 +76,10 @@ def _resolve(config: PruneConfig, output: str | Path, overwrite: bool, resume: b
     where = choose_residency(config, resume)
     if config.structured and where.world_size > 1:
         raise ConfigError("structured removal runs in one process; launch it without torchrun")
+    if config.structured and where.streamed:
+        raise ConfigError("the model's weights do not fit in free memory, and structured removal holds the whole "
+                          "model in memory (streaming it from the shards is not supported yet); free memory or "
+                          "use a machine with more")
     partial = check_partial(output, resume, overwrite)
     resolve_data_dir(config.data_dir)
     if config.eval_settings is not None:

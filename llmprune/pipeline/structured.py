@@ -73,9 +73,11 @@ def _refuse(part: Any, kind: str, setting: str, model: nn.Module) -> None:
         raise ConfigError(f"--{setting.replace('_', '-')}: {part.why_not}")
 
 
-def plan_cut(config: PruneConfig, model: nn.Module, parts: list[LayerParts]) -> LayerCut:
+def plan_cut(config: PruneConfig, model: nn.Module, parts: list[LayerParts], decoder_before: int | None = None
+             ) -> LayerCut:
     """Counts per layer from the settings (fractions or counts), checked against the architecture, with a
-    parameter budget's remainder taken from MLP channels."""
+    parameter budget's remainder taken from MLP channels. ``decoder_before``: the decoder's parameters before
+    any layer or expert was removed (the budget's base; what is gone already counts towards it)."""
     attn, mlp = _uniform(parts, "attention"), _uniform(parts, "mlp")
     kv = heads = channels = 0
     if config.remove_kv_heads:
@@ -84,7 +86,11 @@ def plan_cut(config: PruneConfig, model: nn.Module, parts: list[LayerParts]) -> 
     if config.remove_heads:
         _refuse(attn, "attention heads", "remove_heads", model)
         left_kv = attn.n_kv_heads - kv
-        heads = count(config.remove_heads, attn.n_heads - kv * (attn.n_heads // attn.n_kv_heads), "remove_heads")
+        g = attn.n_heads // attn.n_kv_heads
+        if config.remove_heads < 1:  # a fraction of every key/value head's query heads, rounded
+            heads = left_kv * count(config.remove_heads, g, "remove_heads")
+        else:
+            heads = count(config.remove_heads, left_kv * g, "remove_heads")
         if heads % left_kv:
             per = attn.n_heads // attn.n_kv_heads
             raise ConfigError(
@@ -98,7 +104,7 @@ def plan_cut(config: PruneConfig, model: nn.Module, parts: list[LayerParts]) -> 
         _refuse(mlp, "MLP channels", "remove_channels", model)
         channels = count(config.remove_channels, mlp.n_channels, "remove_channels")
     if config.structure_budget is not None:
-        channels = _budget_channels(config, model, parts, attn, mlp, heads, kv, channels)
+        channels = _budget_channels(config, model, parts, attn, mlp, heads, kv, channels, decoder_before)
     return LayerCut(heads=heads, kv_heads=kv, channels=channels)
 
 
@@ -106,13 +112,14 @@ def _width(model: nn.Module, name: str) -> int:
     return out_features(model.get_submodule(name))
 
 
-def _budget_channels(config, model, parts, attn, mlp, heads, kv, channels) -> int:
+def _budget_channels(config, model, parts, attn, mlp, heads, kv, channels, decoder_before) -> int:
     """MLP channels per layer so that the removed parameters reach ``structure_budget`` of the decoder's."""
-    total = decoder_params(model)
+    now = decoder_params(model)
+    total = decoder_before or now
     goal = config.structure_budget * total
     n_attn = sum(p.attention is not None for p in parts)
     n_mlp = sum(p.mlp is not None for p in parts)
-    removed = 0.0
+    removed = float(total - now)  # layers and experts removed already
     if attn is not None and (heads or kv):
         hidden = _width(model, attn.out)
         per_head = 2 * attn.head_dim * hidden  # q rows + o columns
@@ -200,7 +207,7 @@ def prune_structured(model: nn.Module, tokenizer, config: PruneConfig, calibrati
                                   per_layer={i: LayerRemoval(experts=e) for i, e in experts.items()}))
         parts = [layer_parts(model, p) for p in range(len(kept))]
         seconds["experts"] = time.perf_counter() - t1
-    cut = plan_cut(config, model, parts)
+    cut = plan_cut(config, model, parts, decoder_before)
     if cut.heads or cut.kv_heads or cut.channels:
         t2 = time.perf_counter()
         method = lookup("structure", config.structure or DEFAULT_WIDTH_METHOD).from_config(config)

@@ -22,8 +22,9 @@ class StructureOptions(Settings):
         "removed. The removed structures are gone from the saved checkpoint, a smaller dense model.",
     )
     remove_heads: float = Field(
-        0, ge=0, description="Query heads removed from every decoder layer: a fraction, or a count per layer (a "
-        "multiple of the key/value heads: each key/value head loses the same number of query heads).",
+        0, ge=0, description="Query heads removed from every decoder layer: a fraction of each key/value head's "
+        "query heads (rounded to a whole number of them), or a count per layer that the key/value heads share "
+        "equally; GQA stays valid.",
     )
     remove_kv_heads: float = Field(
         0, ge=0, description="Key/value heads removed from every decoder layer with all their query heads: a "
