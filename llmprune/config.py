@@ -18,13 +18,13 @@ from . import pruners, steps  # noqa: F401 - every built-in method registered, w
 from .activation.options import ActivationOptions
 from .errors import ConfigError
 from .evaluation.config import EvalConfig
-from .evaluation.perplexity import PPL_DATASETS
-from .masks import parse_pattern
+from .evaluation.perplexity import split_eval_names
+from .masks import parse_module_sparsity, parse_pattern
 from .pruners.alps import ALPSOptions
 from .pruners.ria import RIAOptions
 from .pruners.sparsegpt import SparseGPTOptions
 from .recipe_files import read_recipe, recipe_path, recipe_summaries
-from .registry import _TABLES, lookup
+from .registry import _TABLES, lookup, option_owners
 from .settings import Settings, check_regex, split_list
 from .steps.admm import ADMMOptions
 from .steps.dsnot import DSnoTOptions
@@ -32,7 +32,8 @@ from .steps.eora import EoRAOptions
 from .steps.owl import OWLOptions
 from .structured.options import DIMENSIONS, StructureOptions
 
-__all__ = ["ConfigError", "EvalConfig", "PruneConfig", "parse_pattern", "recipe_path", "recipe_summaries"]
+__all__ = ["ConfigError", "EvalConfig", "PruneConfig", "option_owners", "parse_pattern", "recipe_path",
+           "recipe_summaries", "split_eval_names"]
 
 
 class _Core(Settings):
@@ -248,15 +249,7 @@ class PruneConfig(StructureOptions, ActivationOptions, OWLOptions, EoRAOptions, 
     @field_validator("module_sparsity", mode="before")
     @classmethod
     def _module_map(cls, v: Any) -> Any:
-        if isinstance(v, str):  # 'RE=V;RE=V' from the command line
-            out = {}
-            for item in filter(None, (x.strip() for x in v.split(";"))):
-                rx, sep, val = item.rpartition("=")
-                if not sep or not rx:
-                    raise ValueError(f"module sparsity {item!r} is not understood; write REGEX=VALUE, e.g. 'mlp\\.=0.6'")
-                out[rx] = val.strip()
-            return out
-        return v
+        return parse_module_sparsity(v) if isinstance(v, str) else v
 
     @field_validator("module_sparsity")
     @classmethod
@@ -402,19 +395,3 @@ class PruneConfig(StructureOptions, ActivationOptions, OWLOptions, EoRAOptions, 
 def _registered(kind: str, name: str) -> str:
     lookup(kind, name)  # the error lists the registered choices
     return name
-
-
-def option_owners() -> dict[str, set[str]]:
-    """Config field -> names of the registered methods that take it as an option."""
-    owners: dict[str, set[str]] = {}
-    for table in _TABLES.values():
-        for name, cls in table.items():
-            for opt in getattr(cls, "options", ()):
-                owners.setdefault(opt, set()).add(name)
-    return owners
-
-
-def split_eval_names(names: list[str]) -> dict[str, list[str]]:
-    """Sort ``--eval`` names into perplexity datasets (wikitext2, c4, text files) and lm-eval tasks."""
-    ppl = [n for n in names if n in PPL_DATASETS or Path(n).suffix in (".txt", ".jsonl", ".json")]
-    return {"ppl": ppl, "tasks": [n for n in names if n not in ppl]}

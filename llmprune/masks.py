@@ -148,3 +148,15 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     if not 0 < n < mm:
         raise ValueError(f"pattern {pattern!r} needs 0 < N < M (N weights kept in every group of M), e.g. '2:4'")
     return n, mm
+
+
+def parse_module_sparsity(v: str) -> dict[str, str]:
+    """``'RE=V;RE=V'`` (the command line's ``--module-sparsity``) as ``{regex: value}``; values are checked by
+    the config."""
+    out = {}
+    for item in filter(None, (x.strip() for x in v.split(";"))):
+        rx, sep, val = item.rpartition("=")
+        if not sep or not rx:
+            raise ValueError(f"module sparsity {item!r} is not understood; write REGEX=VALUE, e.g. 'mlp\\.=0.6'")
+        out[rx] = val.strip()
+    return out

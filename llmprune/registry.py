@@ -72,3 +72,13 @@ def lookup(kind: str, name: str) -> Any:
     if name not in t:
         raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(t))}")
     return t[name]
+
+
+def option_owners() -> dict[str, set[str]]:
+    """Config field -> names of the registered methods that take it as an option."""
+    owners: dict[str, set[str]] = {}
+    for table in _TABLES.values():
+        for name, cls in table.items():
+            for opt in getattr(cls, "options", ()):
+                owners.setdefault(opt, set()).add(name)
+    return owners

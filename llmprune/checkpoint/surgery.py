@@ -33,7 +33,6 @@ from torch import nn
 from ..engine.anatomy import (
     TOP_K_KEYS,
     LayerParts,
-    arch_name,
     attention_projections,
     expert_count_key,
     expert_modules,
@@ -44,6 +43,9 @@ from ..engine.anatomy import (
     text_config,
 )
 from ..engine.targets import _is_conv1d, find_decoder_layers
+from .layer_removal import check_layers, remove_layers, set_config
+
+__all__ = ["apply_removal", "cut_widths", "keep_inputs", "keep_outputs", "remove_layers"]
 
 if TYPE_CHECKING:
     from ..structured.removal import LayerRemoval, Removal
@@ -53,10 +55,6 @@ log = logging.getLogger(__name__)
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-# Config lists that hold layer indices (renumbered); other lists of one entry per layer are sliced.
-LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
-# Config counts of leading layers of a kind (Qwen2 sliding-window layers, DeepSeek dense layers).
-LEADING_LAYER_COUNTS = ("max_window_layers", "first_k_dense_replace")
 
 
 # ---------------------------------------------------------------- slicing one projection
@@ -213,22 +211,6 @@ def _plan(model: nn.Module, removal: Removal, originals: list[int], stays: set[i
 # ---------------------------------------------------------------- cutting
 
 
-def _configs(model: nn.Module) -> list:
-    """The text config and every other config object of its class held by the model's modules."""
-    cfg = text_config(model)
-    found = {id(cfg): cfg}
-    for m in model.modules():
-        c = getattr(m, "config", None)
-        if type(c) is type(cfg):
-            found.setdefault(id(c), c)
-    return list(found.values())
-
-
-def _set_config(model: nn.Module, key: str, value) -> None:
-    for cfg in _configs(model):
-        setattr(cfg, key, value)
-
-
 def _cut_attention(model: nn.Module, cut: _LayerCut) -> None:
     att = cut.parts.attention
     mod = model.get_submodule(att.name)
@@ -311,21 +293,21 @@ def _cut(model: nn.Module, cuts: list[_LayerCut]) -> None:
     head_cut = next((c for c in cuts if c.heads is not None), None)
     if head_cut is not None:
         att = head_cut.parts.attention
-        _set_config(model, "head_dim", att.head_dim)  # explicit: fewer heads of the same size
-        _set_config(model, "num_attention_heads", len(head_cut.heads))
+        set_config(model, "head_dim", att.head_dim)  # explicit: fewer heads of the same size
+        set_config(model, "num_attention_heads", len(head_cut.heads))
         if hasattr(cfg, "num_key_value_heads"):
-            _set_config(model, "num_key_value_heads", len(head_cut.groups))
+            set_config(model, "num_key_value_heads", len(head_cut.groups))
     mlp_cut = next((c for c in cuts if c.channels is not None), None)
     if mlp_cut is not None:
-        _set_config(model, mlp_width_key(cfg, mlp_cut.parts.mlp.n_channels), len(mlp_cut.channels))
+        set_config(model, mlp_width_key(cfg, mlp_cut.parts.mlp.n_channels), len(mlp_cut.channels))
     moe_cut = next((c for c in cuts if c.experts is not None), None)
     if moe_cut is not None:
         E, new_E = moe_cut.parts.moe.n_experts, len(moe_cut.experts)
-        _set_config(model, expert_count_key(cfg, E), new_E)
+        set_config(model, expert_count_key(cfg, E), new_E)
         for key in TOP_K_KEYS:
             v = getattr(cfg, key, None)
             if isinstance(v, int) and not isinstance(v, bool) and v > new_E:
-                _set_config(model, key, new_E)
+                set_config(model, key, new_E)
         _set_counts([model], EXPERT_COUNT_ATTRS, E, new_E)  # Mixtral's causal LM keeps them for its aux loss
         for a in TOP_K_KEYS:
             v = getattr(model, a, None)
@@ -343,77 +325,13 @@ def cut_widths(model: nn.Module, removal: Removal) -> None:
     _cut(model, _plan(model, removal, originals))
 
 
-def _check_layers(model: nn.Module, layers) -> list[int]:
-    _, stack = find_decoder_layers(model)
-    n = len(stack)
-    gone = sorted(set(int(i) for i in layers))
-    bad = [i for i in gone if not 0 <= i < n]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
-    if len(gone) == n:
-        raise ValueError(f"the removal takes all {n} decoder layers; keep at least one")
-    cfg = text_config(model)
-    if gone and getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
-        raise ValueError(f"layers cannot be removed on {arch_name(model)} with scale_attn_by_inverse_layer_idx=True: "
-                         "each layer's attention scale depends on its index, which removal changes")
-    return gone
-
-
-def remove_layers(model: nn.Module, layers) -> None:
-    """Delete decoder ``layers`` (indices in the model as it is) in place: the ModuleList, the config's
-    ``num_hidden_layers`` and its per-layer lists (``layer_types``, ``mlp_only_layers``, ...), and the
-    ``layer_idx`` of what stays (attention modules index the KV cache with it)."""
-    gone = _check_layers(model, layers)
-    if not gone:
-        return
-    _, stack = find_decoder_layers(model)
-    n = len(stack)
-    kept = [i for i in range(n) if i not in set(gone)]
-    for i in reversed(gone):
-        del stack[i]
-    for new, layer in enumerate(stack):
-        for m in layer.modules():
-            if isinstance(getattr(m, "layer_idx", None), int):
-                m.layer_idx = new
-    for cfg in _configs(model):
-        _shrink_config(cfg, n, kept)
-    cfg = text_config(model)
-    if hasattr(cfg, "mlp_only_layers") and hasattr(cfg, "decoder_sparse_step"):
-        # Qwen-MoE: sparse where (i + 1) % step == 0 and i not in mlp_only_layers; say it with step 1
-        dense = [j for j in range(len(stack)) if layer_parts(model, j).moe is None]
-        _set_config(model, "decoder_sparse_step", 1)
-        _set_config(model, "mlp_only_layers", dense)
-
-
-def _shrink_config(cfg, n: int, kept: list[int]) -> None:
-    new_index = {orig: new for new, orig in enumerate(kept)}
-    cfg.num_hidden_layers = len(kept)
-    for key, value in list(vars(cfg).items()):
-        if not isinstance(value, (list, tuple)):
-            continue
-        if key in LAYER_INDEX_LISTS:
-            new = [new_index[i] for i in value if i in new_index]
-        elif "layer" in key and len(value) == n:
-            new = [value[i] for i in kept]
-        else:
-            continue
-        try:
-            setattr(cfg, key, type(value)(new))
-        except AttributeError:  # a read-only property, derived from fields already updated
-            log.debug("config %s is read-only; left to derive itself", key)
-    for key in LEADING_LAYER_COUNTS:
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            setattr(cfg, key, sum(i < v for i in kept))
-
-
 def apply_removal(model: nn.Module, removal: Removal) -> None:
     """:func:`remove_layers` then :func:`cut_widths`, in place. Everything is checked first: an error (a
     dimension that cannot be removed on the architecture, widths that differ across layers, an index out of
     range) leaves the model untouched."""
     _, stack = find_decoder_layers(model)
     n = len(stack)
-    _check_layers(model, removal.layers)
+    check_layers(model, removal.layers)
     trial = replace(removal, layers=())
     stray = sorted(i for i, r in removal.per_layer.items() if r and i in set(removal.layers))
     if stray:

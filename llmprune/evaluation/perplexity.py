@@ -322,3 +322,9 @@ def dataset_perplexity(model, tokenizer, name: str, seqlen: int = 2048, max_wind
     return perplexity(model, input_ids=ids, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
                       device=device, progress=progress, dataset=src.name, source=src.source,
                       comparable=src.comparable, data_sha256=src.sha256, activation_protocol=activation_protocol)
+
+
+def split_eval_names(names: list[str]) -> dict[str, list[str]]:
+    """Sort ``--eval`` names into perplexity datasets (wikitext2, c4, text files) and lm-eval tasks."""
+    ppl = [n for n in names if n in PPL_DATASETS or Path(n).suffix in (".txt", ".jsonl", ".json")]
+    return {"ppl": ppl, "tasks": [n for n in names if n not in ppl]}
