@@ -23,8 +23,8 @@
   masks come from calibrated thresholds (the official code's ``mask_by='threshold'``), not its scripts'
   per-token top-k (``mask_by='topk'``), because a threshold is data the checkpoint stores and the sparse
   decode path reads, and top-k needs a sort per token. 'stacked' is kept as an option: on the embedded
-  SmolLM2-135M it gave 32.67 at 50 % uniform (TEAL 31.73, dense 20.60, eval/results/activation.md); the
-  official layout is not yet measured there against it.
+  SmolLM2-135M it gave 32.67 at 50 % uniform against the official layout's 31.78 (TEAL 31.73, dense
+  20.60; one calibration seed; eval/results/activation.md).
 - ``cats`` (Lee et al. 2024, "CATS: Contextually-Aware Thresholding for Sparsity in Large Language
   Models", arXiv:2404.08763): ``S_tj = |act(gate(x))_tj|``, the gated MLP's activation, thresholded
   before it multiplies ``up(x)``; so the input of ``down_proj`` is as sparse. Gated MLPs only
