@@ -204,8 +204,9 @@ def _run_cell(arch: str, method: str, dense, calib, llmprune) -> dict:
     return out
 
 
-def _byte_tokenizer():
-    """Copied from tests/conftest.py: one token per byte (259 ids with the specials), built offline."""
+def byte_tokenizer():
+    """As tests/conftest.py's (eval scripts do not import the tests): one token per byte (259 ids with the
+    specials), built offline. eval/bench_recovery_distill.py uses it too."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -226,7 +227,7 @@ def _tiny_llama_checkpoint(path: Path) -> Path:
     cfg = LlamaConfig(vocab_size=272, bos_token_id=0, eos_token_id=1, pad_token_id=2, **ARCH_CONFIGS["llama"][1])
     torch.manual_seed(MODEL_SEED)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    _byte_tokenizer().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
     (path / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
     return path
 

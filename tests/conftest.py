@@ -108,6 +108,19 @@ def shared_data_dir() -> Path:
     return path
 
 
+class TokenRows(torch.utils.data.Dataset):
+    """Rows of token ids as a ``transformers.Trainer`` dataset (labels = inputs), for the Trainer tests."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
 def byte_tokenizer():
     """One token per byte (259 ids with the specials), built offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

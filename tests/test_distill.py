@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from conftest import VOCAB, make_tiny_model
+from conftest import VOCAB, TokenRows, make_tiny_model
 
 import llmprune
 from llmprune.cli import main
@@ -320,17 +320,6 @@ def test_training_windows_share_no_run_of_tokens_with_the_calibration(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, ids: torch.Tensor):
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def test_distillation_trainer_with_the_keeper_callback(tmp_path):
     from transformers import TrainingArguments
 
@@ -340,7 +329,7 @@ def test_distillation_trainer_with_the_keeper_callback(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                              max_steps=2, learning_rate=3e-3, use_cpu=True, report_to=[], save_strategy="no",
                              logging_steps=1, dataloader_num_workers=0, disable_tqdm=True)
-    trainer = DistillationTrainer(model=student, teacher=dense, args=args, train_dataset=_Rows(_windows(8)),
+    trainer = DistillationTrainer(model=student, teacher=dense, args=args, train_dataset=TokenRows(_windows(8)),
                                   distill=DistillLoss(kd_weight=1.0, squarehead_weight=1.0, lm_weight=0.1),
                                   callbacks=[keeper])
     trainer.train()

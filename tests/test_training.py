@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, make_tiny_model
+from conftest import VOCAB, TokenRows, make_tiny_model
 
 import llmprune
 from llmprune.recovery.keeper import SparsityError, SparsityKeeper, merge_and_keep_sparsity, pack_keep, unpack_pruned
@@ -186,17 +186,6 @@ def test_cuda_masks_follow_the_weights_to_the_device():
 # ----------------------------------------------------------------------------------------------
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, ids: torch.Tensor):
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def test_trainer_callback_with_gradient_accumulation(tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -220,7 +209,7 @@ def test_trainer_callback_with_gradient_accumulation(tmp_path):
         learning_rate=3e-3, weight_decay=0.1, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
         dataloader_num_workers=0, disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_Rows(_batch(n=16)), callbacks=[keeper])
+    trainer = Trainer(model=model, args=args, train_dataset=TokenRows(_batch(n=16)), callbacks=[keeper])
     trainer.train()
     assert calls == {"pre": 4, "post": 4}  # once per optimizer step, not per micro-batch
     assert _zero_patterns(keeper) == before
@@ -237,7 +226,7 @@ def test_trainer_refuses_a_keeper_of_another_model(tmp_path):
     other, _ = _pruned(seed=1)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, use_cpu=True, report_to=[], save_strategy="no",
                              disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=_Rows(_batch(n=4)),
+    trainer = Trainer(model=model, args=args, train_dataset=TokenRows(_batch(n=4)),
                       callbacks=[SparsityKeeper.from_model(other)])
     with pytest.raises(SparsityError, match="not parameters of the model being trained"):
         trainer.train()
