@@ -109,3 +109,40 @@ def test_registration_options_and_errors():
         ALPS().prune(W, stats, 0.5, (2, 4))
     with pytest.raises(ValueError, match="Hessian"):
         ALPS().prune(W, InputStats({"sq"}, n=1, sq=torch.ones(30)), 0.5)
+
+
+def test_the_cholesky_path_of_wide_inputs_gives_the_eigendecomposition_s_products(monkeypatch):
+    W, _, stats = make_layer(8, out=24, cols=64)
+    nh = lsq.normalized_hessian(stats, 0.01)
+    R = torch.randn(5, 64)
+    by_eig = nh.shifted_solver(0.3)(R)
+    monkeypatch.setattr(lsq, "EIGH_MAX_INPUTS", 32)  # 64 inputs count as wide: Cholesky factors
+    calls = []
+    real = lsq._eigh64
+    monkeypatch.setattr(lsq, "_eigh64", lambda A: calls.append(A.shape) or real(A))
+    by_chol = nh.shifted_solver(0.3)(R)
+    torch.testing.assert_close(by_chol, by_eig, rtol=1e-4, atol=1e-5)
+    # ALPS on the wide path: no eigendecomposition, the same support up to rounding, the same error
+    stats.cache = {}
+    wide = ALPS().prune(W, stats, 0.5, (2, 4))
+    assert calls == []
+    monkeypatch.setattr(lsq, "EIGH_MAX_INPUTS", 2048)
+    stats.cache = {}
+    narrow = ALPS().prune(W, stats, 0.5, (2, 4))
+    assert (wide.M != narrow.M).float().mean() < 0.02
+    X = make_layer(8, out=24, cols=64)[1]
+    assert output_error(W, wide.W, X) == pytest.approx(output_error(W, narrow.W, X), rel=0.02)
+
+
+def test_cached_matrices_are_bounded_in_bytes(monkeypatch):
+    _, _, stats = make_layer(9, out=8, cols=32)
+    nh = lsq.normalized_hessian(stats, 0.01)
+    one = 32 * 32 * 4
+    monkeypatch.setattr(lsq, "CACHE_BYTES", 2 * one)
+    for rho in (0.1, 0.2, 0.3):
+        nh.inverse(rho)
+    assert [k[1] for k in nh.inverses] == [0.2, 0.3]  # two fit, the oldest went
+    monkeypatch.setattr(lsq, "CACHE_BYTES", one - 1)
+    nh.inverses = {}
+    nh.inverse(0.4)
+    assert nh.inverses == {}  # one larger than the bound is never kept

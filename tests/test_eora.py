@@ -15,7 +15,7 @@ from llmprune.config import ConfigError, PruneConfig
 from llmprune.pruners.sparsegpt import SparseGPT
 from llmprune.pruners.wanda import Wanda
 from llmprune.registry import lookup
-from llmprune.steps.eora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EoRA, applied
+from llmprune.steps.eora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXACT_SVD_MAX, EoRA, applied, randomized_svd
 
 from conftest import ARCHS, make_tiny_model
 from test_admm import make_layer
@@ -76,9 +76,9 @@ def test_rank_and_budget():
     assert abs(r * (576 + 1536) / (576 * 1536) - 0.05) < 0.001  # the module adds ~5 % of its weights
     assert EoRA(eora_budget=1e-6).rank_of(8, 8) == 1
     assert lookup("compensate", "eora") is EoRA and EoRA.needs == {"hessian"}
-    assert EoRA.from_config(SimpleNamespace(damp=0.02, rank=3, eora_budget=None)).rank == 3
+    assert EoRA.from_config(SimpleNamespace(damp=0.02, rank=3, eora_svd="auto", eora_budget=None)).rank == 3
     for bad, match in [(dict(rank=0), "rank"), (dict(rank=2.0), "rank"), (dict(eora_budget=1.5), "eora_budget"),
-                       (dict(damp=-1), "damp")]:
+                       (dict(damp=-1), "damp"), (dict(eora_svd="fast"), "eora_svd")]:
         with pytest.raises(ValueError, match=match):
             EoRA(**bad)
 
@@ -91,6 +91,34 @@ def test_the_correction_of_wanda_and_the_shared_factor():
     assert h_error(W - res.W - lr.B @ lr.A, X) < h_error(W - res.W, X)
     assert e.compensate(W[:5], res.W[:5], stats).rank == 4
     assert len([k for k in stats.cache if k[0] == "eora"]) == 1  # one Cholesky factor per input
+
+
+def test_randomized_svd_is_exact_on_a_low_rank_matrix_and_deterministic():
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(40, 5, generator=g) @ torch.randn(5, 60, generator=g)  # rank 5
+    U, S, Vh = randomized_svd(P, 8, 2)
+    assert U.shape == (40, 8) and S.shape == (8,) and Vh.shape == (8, 60)
+    torch.testing.assert_close(S[:5], torch.linalg.svdvals(P)[:5], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close((U[:, :5] * S[:5]) @ Vh[:5], P, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(U.T @ U, torch.eye(8), atol=1e-5, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip((U, S, Vh), randomized_svd(P, 8, 2)))  # fixed seed
+
+
+def test_the_randomized_correction_is_close_to_the_exact_one():
+    """A flat-spectrum pruning error (the sketch's hard case): the randomized rank-r residual is within 1 %
+    of the exact one, and the reported errors are the true residual's."""
+    W, X, stats = make_layer(2, out=96, cols=128)
+    res = Wanda().prune(W, stats, 0.5, None)
+    exact = EoRA(rank=8, damp=0.0, eora_svd="exact").compensate(W, res.W, stats)
+    rand = EoRA(rank=8, damp=0.0, eora_svd="randomized").compensate(W, res.W, stats)
+    dW = W - res.W
+    e_exact, e_rand = h_error(dW - exact.B @ exact.A, X), h_error(dW - rand.B @ rand.A, X)
+    assert e_exact <= e_rand * (1 + 1e-5) and e_rand < 1.01 * e_exact
+    assert rand.error_before == pytest.approx(exact.error_before, rel=1e-4)
+    assert rand.error_after == pytest.approx(e_rand / h_error(W, X), rel=1e-3)
+    # auto: exact up to EXACT_SVD_MAX on the smaller side (every module of the embedded model)
+    auto = EoRA(rank=8, damp=0.0).compensate(W, res.W, stats)
+    assert EXACT_SVD_MAX >= 576 and torch.equal(auto.A, exact.A) and torch.equal(auto.B, exact.B)
 
 
 def _recipe(tmp_path: Path, text: str) -> Path:

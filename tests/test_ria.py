@@ -7,6 +7,8 @@ import torch
 
 import llmprune.pruners.ria  # noqa: F401 - registers the pruner
 from llmprune.pruners.ria import (
+    LSA_MAX_GROUPS,
+    lsa_block_count,
     RIA,
     PermutedResult,
     channel_permutation,
@@ -155,3 +157,20 @@ def test_options_and_registration():
     assert RIA.options[:2] == ("ria_alpha", "ria_permute")
     with pytest.raises(ValueError, match="ria_lsa_blocks"):
         RIA(ria_lsa_blocks=0)
+
+
+def test_default_blocks_bound_the_assignment_size():
+    # one assignment up to LSA_MAX_GROUPS groups (every module of the embedded model), then the fewest
+    # blocks of at most that many: the O(G³) solver's cost grows linearly with the width
+    assert lsa_block_count(384, None) == 1
+    assert lsa_block_count(LSA_MAX_GROUPS, None) == 1
+    assert lsa_block_count(LSA_MAX_GROUPS + 1, None) == 2
+    assert lsa_block_count(3584, None) == 7  # a Llama-3-8B down_proj at 2:4
+    assert lsa_block_count(3584, 1) == 1 and lsa_block_count(10, 64) == 10
+    assert RIA().lsa_blocks is None
+
+
+def test_default_blocks_equal_one_assignment_on_small_modules():
+    torch.manual_seed(3)
+    S = ria_scores(torch.randn(16, 96), torch.rand(96), 0.5)
+    assert torch.equal(channel_permutation(S, 2, 4, blocks=None), channel_permutation(S, 2, 4, blocks=1))

@@ -22,7 +22,9 @@ support still changes at iteration 30, by fewer than 0.0003k weights. On the ben
 2:4: 64.00 before and 64.25 after, within 2:4's ±1.5 of rounding noise; the mean layer error 0.3 % lower;
 eval/results/protocols.md.)
 ``(Hn + ρI)⁻¹ = Q diag(1/(L + ρ)) Qᵀ`` comes from one eigendecomposition of ``Hn``, computed once
-per input and shared by the modules fed the same tensor (q/k/v, gate/up). The support of the last
+per input and shared by the modules fed the same tensor (q/k/v, gate/up); beyond 2,048 inputs from a
+Cholesky factor of ``Hn + ρI`` per ρ instead (no eigendecomposition, which dominates at 8B widths; see
+:mod:`llmprune.reconstruction`). The support of the last
 ``B`` is then fixed and conjugate gradients on it (the reference's ``cg_batch``; here
 :func:`~llmprune.reconstruction.pcg_on_support`) solve the least squares for the kept weights.
 
@@ -125,9 +127,9 @@ class ALPS(Pruner):
         B, D, V = Wn.clone(), D0.clone(), torch.zeros_like(Wn)  # [out, in] each
         M_prev = M0
         rho, raised, t = self.rho0, False, 0
-        Hinv = nh.inverse(rho, cache=False) if self.iters else None  # [in, in]
+        solve = nh.shifted_solver(rho, cache=False) if self.iters else None  # R ↦ R (Hn + ρI)⁻¹
         for t in range(self.iters):
-            B = torch.addcmul(C - V, D, torch.tensor(rho)) @ Hinv  # [out, in]
+            B = solve(torch.addcmul(C - V, D, torch.tensor(rho)))  # [out, in]
             M = self._project(B + V / rho, sparsity, nm)  # [out, in]
             D = (V / rho).add_(B).mul_(M)  # [out, in]
             V.add_(B - D, alpha=rho)
@@ -150,7 +152,7 @@ class ALPS(Pruner):
             else:
                 rho /= 5
             rho = min(rho, RHO_MAX)
-            Hinv = nh.inverse(rho, cache=False)
+            solve = nh.shifted_solver(rho, cache=False)
             if t >= SWITCH_ITER and change < 0.0003 * k:  # the reference's i_admm >= switch_iter
                 break
         M = self._project(B, sparsity, nm)  # [out, in] the support of the last B

@@ -148,7 +148,7 @@ class ADMM(Reconstructor):
             Z = Z0.clone()
             for k in range(self.iters):
                 rho = self.rho * RHO_GROWTH ** (min(k, RHO_UNTIL) // RHO_EVERY)
-                V = torch.addcmul(C, Z - U, torch.tensor(rho)) @ nh.inverse(rho)  # [out, in]
+                V = nh.shifted_solver(rho)(torch.addcmul(C, Z - U, torch.tensor(rho)))  # [out, in]
                 Z = (V + U).mul_(Mf)  # [out, in]
                 U.add_(V).sub_(Z)
                 primal = float((V - Z).norm() / Z.norm().clamp_min(1e-30))

@@ -26,6 +26,17 @@ The adapters are saved beside the sparse base as a standard PEFT LoRA adapter
 (:func:`save_adapter`: ``adapter_config.json`` + ``adapter_model.safetensors``); evaluation after
 pruning runs the base with the corrections added (:func:`applied`).
 
+The truncated SVD: exact (LAPACK) while the module's smaller side is at most ``EXACT_SVD_MAX`` (1,024,
+every module of the embedded model, as before), randomized beyond it (Halko, Martinsson & Tropp 2011:
+a Gaussian sketch of ``2r`` columns from a fixed seed, 6 power iterations re-orthonormalised by QR, then
+the exact SVD of the ``2r × in`` projection; :func:`randomized_svd`). A full SVD costs ``O(out·in·min)``
+at LAPACK's slow pace (minutes for a Llama-3-8B ``down_proj`` on a CPU, 560 of them up to 8192 × 28672
+at 70B) where the sketch costs ``14 · out · in · 2r`` multiply-adds at matrix-product speed. Its error,
+measured on a 1024 × 2816 pruning error (50 % Wanda-style mask, heavy-tailed inputs; a nearly flat
+spectrum, the hard case for a sketch): the relative residual ``‖ΔW X − B A X‖ / ‖ΔW X‖`` was 0.916970
+against the exact SVD's 0.916375 (6.5e-4 above it), 2.1e-3 above with 4 power iterations, 1.2e-2 with
+2 and ``r + 8`` columns. ``eora_svd`` picks the exact or the randomized SVD for every module.
+
 Deviations from the paper: ``H`` is damped (``+ λI``, ``λ`` = ``damp`` × the mean diagonal, as the
 pruners), which keeps the factor defined for inputs that never fire; the statistics of each module
 are those of the pruned model *without* the corrections of the modules before it (the engine
@@ -39,6 +50,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -52,6 +64,10 @@ from .base import Compensator, LowRank
 
 log = logging.getLogger(__name__)
 
+EXACT_SVD_MAX = 1024  # eora_svd="auto": exact SVD while min(out, in) is at most this, randomized beyond
+SKETCH_POWER_ITERS = 6  # power iterations of the randomized SVD (6.5e-4 excess residual, measured above)
+SKETCH_SEED = 0  # the sketch's Gaussian draws: a fixed seed, so a run is deterministic
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -62,6 +78,11 @@ class EoRAOptions(Settings):
     damp: float = SparseGPTOptions.model_fields["damp"]
     rank: int = Field(
         64, ge=1, description="EoRA: LoRA rank of the correction of every pruned module.",
+    )
+    eora_svd: Literal["auto", "exact", "randomized"] = Field(
+        "auto", description="EoRA: the truncated SVD of each module's projected error: 'exact' (LAPACK), "
+        "'randomized' (a 2r-column sketch with 6 power iterations; measured 6.5e-4 above the exact residual), "
+        f"'auto' exact while the module's smaller side is at most {EXACT_SVD_MAX}, randomized beyond.",
     )
     eora_budget: float | None = Field(
         None, gt=0, lt=1, description="EoRA: instead of --rank, add this fraction of each module's weights as "
@@ -75,15 +96,18 @@ class EoRA(Compensator):
     needs = frozenset({"hessian"})
     options = tuple(EoRAOptions.model_fields)
 
-    def __init__(self, damp: float = 0.01, rank: int = 64, eora_budget: float | None = None):
+    def __init__(self, damp: float = 0.01, rank: int = 64, eora_svd: str = "auto", eora_budget: float | None = None):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be an integer >= 1 (the LoRA rank of every module), got {rank!r}")
         if eora_budget is not None and not 0 < eora_budget < 1:
             raise ValueError(f"eora_budget must be a fraction in (0, 1) of each module's weights, got {eora_budget!r}")
         if not 0 <= damp < 1:
             raise ValueError(f"damp must be in [0, 1) (a fraction of the mean Hessian diagonal), got {damp!r}")
+        if eora_svd not in ("auto", "exact", "randomized"):
+            raise ValueError(f"eora_svd must be 'auto', 'exact' or 'randomized', got {eora_svd!r}")
         self.damp = float(damp)
         self.rank = rank
+        self.svd = eora_svd
         self.budget = eora_budget
 
     def rank_of(self, out: int, cols: int) -> int:
@@ -124,16 +148,38 @@ class EoRA(Compensator):
         L = self.factor(stats)  # [in, in] lower, H = L Lᵀ
         dW = W.float() - W_hat.float()  # [out, in]  ΔW
         P = dW @ L  # [out, in]  ΔW projected: ‖P‖_F = ‖ΔW X‖_F / sqrt(n)
-        U, S, Vh = torch.linalg.svd(P, full_matrices=False)  # [out, k], [k], [k, in]
+        exact = self.svd == "exact" or (self.svd == "auto" and min(out, cols) <= EXACT_SVD_MAX)
+        if exact:
+            U, S, Vh = torch.linalg.svd(P, full_matrices=False)  # [out, k], [k], [k, in]
+        else:
+            U, S, Vh = randomized_svd(P, min(2 * r, out, cols), SKETCH_POWER_ITERS)  # [out, q], [q], [q, in]
         root = S[:r].sqrt()  # [r]  Σ_r^½: one half of the scale on each factor
         B = U[:, :r] * root  # [out, r]  U_r Σ_r^½
         A = torch.linalg.solve_triangular(L, Vh[:r], upper=False, left=False) * root[:, None]  # [r, in]  Σ_r^½ V_rᵀ L⁻¹
         ref = float((W.float() @ L).norm())  # ‖W X‖_F / sqrt(n)
-        total = float(S.pow(2).sum())
-        rest = float(S[r:].pow(2).sum())
+        total = float(S.pow(2).sum()) if exact else float(P.pow(2).sum())
+        # ‖P − U_r Σ_r V_rᵀ‖² = ‖P‖² − Σ_r σ²: exact for LAPACK's factors and for the sketch's (U_r Σ_r = P V_r)
+        rest = float(S[r:].pow(2).sum()) if exact else max(total - float(S[:r].pow(2).sum()), 0.0)
         before = (total ** 0.5) / ref if ref > 0 else 0.0
         after = (rest ** 0.5) / ref if ref > 0 else 0.0
         return LowRank(A.contiguous(), B.contiguous(), before, after)
+
+
+def randomized_svd(P: torch.Tensor, q: int, power_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``q`` singular triplets of ``P [out, in]`` by a randomized range finder (Halko, Martinsson &
+    Tropp 2011, Alg. 4.4): ``Y = P Ω`` for a Gaussian ``Ω [in, q]`` (seed :data:`SKETCH_SEED`), ``power_iters``
+    rounds of ``P Pᵀ`` re-orthonormalised by QR, then the exact SVD of ``Qᵀ P [q, in]``.
+
+    Returns ``(U [out, q], S [q], Vh [q, in])`` with orthonormal columns of ``U`` and rows of ``Vh`` and
+    ``U diag(S) = P Vhᵀ``, so ``P − U_r S_r Vh_r`` has squared norm ``‖P‖² − Σ_{i<r} S_i²``."""
+    gen = torch.Generator(device=P.device).manual_seed(SKETCH_SEED)
+    omega = torch.randn(P.shape[1], q, generator=gen, device=P.device, dtype=P.dtype)  # [in, q]
+    Q = torch.linalg.qr(P @ omega).Q  # [out, q]
+    for _ in range(power_iters):
+        Z = torch.linalg.qr(P.T @ Q).Q  # [in, q]
+        Q = torch.linalg.qr(P @ Z).Q  # [out, q]
+    Ub, S, Vh = torch.linalg.svd(Q.T @ P, full_matrices=False)  # [q, q], [q], [q, in]
+    return Q @ Ub, S, Vh
 
 
 class _LoRAHook:
