@@ -13,6 +13,7 @@ from torch import nn
 import llmprune
 from llmprune.activation import apply_activation_sparsity, apply_from_config, installed
 from llmprune.activation.apply import SparseDecodeLinear
+from llmprune.activation.calibrate import ActivationCalibration, _Group
 from llmprune.checkpoint import LoadError
 from llmprune.config import ConfigError, PruneConfig
 
@@ -358,3 +359,15 @@ def test_pruning_results_unchanged_when_activation_is_off(ids):
     ra = llmprune.prune(a, None, calibration=ids, method="wanda", nsamples=8, seqlen=32, progress=False)
     rb = _prune(b, ids, method="wanda", sparsity=0.5, activation="teal", activation_sparsity=0.5)
     assert ra.masks_sha256 == rb.masks_sha256  # the activation pass runs after pruning: same weights
+
+
+def test_sampled_scores_are_the_full_scores_at_the_sampled_entries():
+    """Sampling draws indices before scoring, so no float32 copy of the whole chunk is made; the values are
+    those of scoring everything and indexing (the sample of earlier releases, bit for bit)."""
+    cal = ActivationCalibration("wina", 0.5)
+    x = torch.randn(3, 5, 16, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(x.numel(), (40,), generator=gen)
+    for norms in (None, torch.rand(16) + 0.5):
+        g = _Group(["q_proj"], "input", norms=norms)
+        assert torch.equal(cal._scores(g, x, idx), cal._scores(g, x)[idx])

@@ -175,11 +175,19 @@ class ActivationCalibration:
         return column_norms([reader_weights(m) for m in mods])  # [in]
 
     # ---- scores and quantiles ----------------------------------------------------------------
-    def _scores(self, g: _Group, x: torch.Tensor) -> torch.Tensor:
-        S = x.detach().abs().float()  # [..., in]
+    def _scores(self, g: _Group, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The scores of ``x [..., in]`` flattened, or only those at flat indices ``idx [m]`` (a sample: no
+        float32 copy of the whole chunk, which at 70B widths is gigabytes per tensor; the same values)."""
+        if idx is None:
+            S = x.detach().abs().float()  # [..., in]
+            if g.norms is not None:
+                S = S * g.norms.to(S.device)
+            return S.reshape(-1)
+        idx = idx.to(x.device)
+        S = x.detach().reshape(-1)[idx].abs().float()  # [m]
         if g.norms is not None:
-            S = S * g.norms.to(S.device)
-        return S.reshape(-1)
+            S = S * g.norms.to(S.device)[idx % x.shape[-1]]
+        return S
 
     @staticmethod
     def _quantile(v: torch.Tensor, s: float) -> float:
@@ -248,11 +256,12 @@ class ActivationCalibration:
                 if groups[k].site == "input":
                     return
             seen.add(k)
-            S = self._scores(groups[k], x)  # [entries]
             expected = n_tokens * x.shape[-1]
-            if expected > self.max_sample:
-                m = max(1, round(S.numel() * self.max_sample / expected))
-                S = S[torch.randint(S.numel(), (m,), generator=gen)]
+            if expected > self.max_sample:  # a uniform sample of this chunk's share, drawn before any copy
+                m = max(1, round(x.numel() * self.max_sample / expected))
+                S = self._scores(groups[k], x, torch.randint(x.numel(), (m,), generator=gen))  # [m]
+            else:
+                S = self._scores(groups[k], x)  # [entries]
             parts[k].append(S)
             if stop_at is not None and groups[k].site == "input":
                 raise _Stop
