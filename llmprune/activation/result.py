@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..engine.capture import inference_state
+from ..engine.capture import capture_layer_inputs, inference_state, module_device
+from ..engine.passes import _store_output
 from .apply import ThresholdSpec
 
 
@@ -67,15 +67,28 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 
 
-
-def measure_holdout(model: nn.Module, handle, input_ids: torch.Tensor, device: torch.device,
-                    description: dict[str, Any]) -> dict[str, Any]:
+def measure_holdout(run, handle, input_ids: torch.Tensor, description: dict[str, Any]) -> dict[str, Any]:
     """Sparsity the installed thresholds reach on held-out windows ``input_ids [n, L]``: per tensor
     (written into each spec's ``measured``) and model-wide (over entries, and weighted by weights fed), with
-    every position of the windows thresholded (as a decode step is), whatever the installed ``prefill``."""
+    every position of the windows thresholded (as a decode step is), whatever the installed ``prefill``.
+
+    It runs as the calibration pass does, on ``run`` (the :class:`~llmprune.engine.SequentialRun` the
+    thresholds were calibrated on): each window's embeddings captured on ``run.device``, then the decoder
+    layers one at a time on that device, each going back where it lives after (a GPU run keeps the model
+    in CPU memory between layers, so a whole-model forward would meet inputs on another device than its
+    embeddings; it would also compute the head, where no threshold sits). One window per forward."""
+    model, device = run.model, run.device
+    observed = getattr(run.residency, "observed", None)
     with inference_state(model), handle.measure(), handle.applied(1.0):
-        for row in input_ids:
-            model(input_ids=row[None].to(device), use_cache=False)
+        hidden, calls = capture_layer_inputs(model, run.layers, list(input_ids.split(1)), device)
+        for i, layer in enumerate(run.layers):
+            home = module_device(layer)
+            layer.to(device)
+            for c in range(len(hidden)):
+                _store_output(hidden, c, calls[c][i](layer, hidden[c]))
+            layer.to(home)
+            if observed is not None:  # an offloaded layer's pages go back, as after the calibration pass
+                observed(i, layer)
     got = handle.sparsity()
     for spec in handle.specs:
         spec.measured = got["tensors"].get(spec.name)

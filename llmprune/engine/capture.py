@@ -45,6 +45,50 @@ def inference_state(model: nn.Module) -> Iterator[None]:
             cfg.use_cache = had_cache
 
 
+FIT_FRACTION = 0.8  # share of a GPU's free memory the whole model may take for an evaluation there
+
+
+@contextlib.contextmanager
+def whole_model_on(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
+    """The whole model on ``device`` while inside (a GPU prune's evaluation: the engine kept the model in
+    CPU memory and took one layer at a time to the GPU); yields the device the model computes on.
+
+    On exit every module gets back its own parameters and buffers from before (the same objects, not
+    copies from the device: nothing inside may change weights, and an offloaded model keeps its mapped
+    pages). A model that does not fit in ``FIT_FRACTION`` of a GPU's free memory stays where it is, with a
+    warning. Meta tensors stay."""
+    here = module_device(model)
+    if device == here or device.type == "cpu":
+        yield here
+        return
+    # every module's own parameters and buffers; a tensor held by several modules (tied weights) moves once
+    held = [(slots, name, t) for m in model.modules() for slots in (m._parameters, m._buffers)
+            for name, t in slots.items() if t is not None and t.device.type != "meta"]
+    unique = {id(t): t for *_, t in held}
+    size = sum(t.numel() * t.element_size() for t in unique.values())
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if size > FIT_FRACTION * free:
+            log.warning("the model (%.1f GB) does not fit in %d %% of %s's free memory (%.1f GB): evaluated on %s",
+                        size / 1e9, int(100 * FIT_FRACTION), device, free / 1e9, here)
+            yield here
+            return
+    moved: dict[int, torch.Tensor] = {}
+    try:
+        for slots, name, t in held:
+            if id(t) not in moved:
+                copy = t.detach().to(device)
+                moved[id(t)] = nn.Parameter(copy, t.requires_grad) if isinstance(t, nn.Parameter) else copy
+            slots[name] = moved[id(t)]
+        yield device
+    finally:
+        for slots, name, t in held:  # the very objects from before: no copy back
+            slots[name] = t
+        moved.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def _move_except(module: nn.Module, skip: nn.Module, device: torch.device) -> None:
     """Move ``module``'s parameters and buffers to ``device``, leaving the ``skip`` subtree alone, and
     tensors on the meta device (a streamed run's tied head while only embedding rows are read)."""

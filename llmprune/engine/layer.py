@@ -198,8 +198,17 @@ class LayerWork:
         return hook
 
     def _observe_experts(self, g: ExpertGroup, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
-        for e, token_idx in g.routed(top_k_index):
-            X = hidden[token_idx]  # [t_e, H]
+        routed = dict(g.routed(top_k_index))
+        for e in range(len(g.gate_up or g.down)):
+            if e not in routed:
+                if self.collective is not None and self.prune_in_hook:
+                    # several processes: another rank's tokens may reach expert e, and every rank must enter
+                    # its sums at the same step, so it is pruned here, in expert order, on every rank
+                    for t in (g.gate_up[e:e + 1] if g.gate_up else []) + (g.down[e:e + 1] if g.down else []):
+                        if t.name not in self.reports:
+                            self.prune(t)
+                continue
+            X = hidden[routed[e]]  # [t_e, H]
             if g.gate_up:
                 self._observe(g.gate_up[e], X)
             if g.down:  # input of the down projection, after gate_up was pruned in one-pass mode
@@ -217,9 +226,20 @@ class LayerWork:
         else:
             self.prune(key)
 
+    def reduce(self, t: Target) -> None:
+        """Several processes: the statistics of ``t`` summed over every rank's calibration windows. Every rank
+        enters the sum, also one whose tokens did not reach ``t`` (an expert); statistics no rank's tokens
+        reached are dropped, as one process never makes them."""
+        stats = self.stats.get(t.name)
+        if stats is None:
+            stats = self.stats[t.name] = InputStats(self.needs)
+        self.collective.reduce_stats(t.name, stats, t.shape[1], t.stored().device)
+        if stats.n == 0:
+            del self.stats[t.name]
+
     def prune(self, t: Target) -> None:
         if self.collective is not None:  # the statistics of every rank's calibration windows
-            self.collective.reduce_stats(self.stats.get(t.name))
+            self.reduce(t)
         self.reports[t.name] = self.prune_fn(t, self.stats.get(t.name))
 
     def prune_remaining(self) -> None:

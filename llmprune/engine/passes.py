@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..runtime.memory import _MADV_DONTNEED, _libc, madvise_pages
+from ..runtime.precision import full_float32
 from ..stats import InputStats
 from ..steps import ObservedModule
 from .capture import capture_layer_inputs, inference_state, module_device, resolve_device
@@ -43,7 +44,7 @@ from .layer import LayerReport, LayerWork, StopLayer, count_zeros
 from .lockstep import Lockstep, call_order, compute_chunk
 from .plan import PrunePlan
 from .residency import LayerResidency
-from .residency.distributed import Collective, DistributedError
+from .residency.distributed import Collective
 from .targets import find_decoder_layers, find_targets
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,6 @@ class SequentialRun:
             len(self.layers), self.layers_name, n, L, len(self.chunks), sequential, self.execution,
         )
         found = [find_targets(layer, "", targets, ignore) for layer in self.layers]
-        if self.collective is not None and any(f.groups or f.skipped for f in found):
-            raise DistributedError("models with routed experts cannot be pruned by several processes yet (a rank's "
-                                   "tokens may not reach every expert); run in one process")
         if not any(f.targets or f.groups for f in found):
             raise ValueError(
                 f"no module matched targets={targets!r} ignore={ignore!r} inside the decoder layers; "
@@ -213,7 +211,7 @@ class SequentialRun:
         with their dense weights and the ``needs`` statistics of their inputs. The first layer's
         statistics are gathered with ``keep_first`` too and kept for :meth:`prune`. ``layer_io(i, x, y)``,
         if given, sees each chunk's input and output hidden states of layer ``i``."""
-        with inference_state(self.model):
+        with inference_state(self.model), full_float32():  # statistics without TF32
             hidden, calls = self._capture()
             for i in self._bar("observing layers"):
                 layer = self.layers[i]
@@ -233,8 +231,9 @@ class SequentialRun:
                         _store_output(hidden, c, out)
                         self._done_with(hidden, c)
                 if self.collective is not None:  # the allocator sees every rank's windows
+                    lw.collective = self.collective
                     for t in lw.all_targets:
-                        self.collective.reduce_stats(lw.stats.get(t.name))
+                        lw.reduce(t)
                 mods = [ObservedModule(t.name, t.get_weight(), lw.stats[t.name])
                         for t in lw.all_targets if t.name in lw.stats]
                 reducer(i, mods)
@@ -250,7 +249,7 @@ class SequentialRun:
         """Prune the model in place, layer by layer; one report per layer."""
         reports: list[LayerReport] = []
         chunks, device, residency = self.chunks, self.device, self.residency
-        with inference_state(self.model):
+        with inference_state(self.model), full_float32():  # no TF32 in the pruning math
             hidden, calls = self._capture()
             bar = self._bar("pruning layers")
             order: list[str] | None = None  # module call order inside a layer (lockstep)

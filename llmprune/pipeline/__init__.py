@@ -25,7 +25,8 @@ from ..calibration import resolve_data_dir
 from ..checkpoint.folder import REPORT_FILE, check_output
 from ..checkpoint.load import load_model
 from ..checkpoint.save import save_pruned
-from ..engine.residency.distributed import setup
+from ..engine.capture import resolve_device, whole_model_on
+from ..engine.residency.distributed import Collective, local_size, setup
 from ..engine.residency.offload import DiskOffloader
 from ..engine.residency.resume import Progress, check_partial, source_folder
 from ..errors import ConfigError
@@ -46,8 +47,8 @@ __all__ = ["Residency", "choose_residency", "prune_checkpoint", "prune_model"]
 @dataclass(frozen=True)
 class Residency:
     """Where a run's layers live: ``streamed`` from the shards, else loaded whole with finished layers
-    offloaded to disk; ``resumable``: progress saved after each layer (one process only); ``rank`` of
-    ``world_size`` processes (one writer, rank 0)."""
+    offloaded to disk; ``resumable``: progress saved after each layer; ``rank`` of ``world_size`` processes
+    (one writer, rank 0, of the output and the progress)."""
 
     streamed: bool
     resumable: bool
@@ -56,13 +57,14 @@ class Residency:
 
 
 def choose_residency(config: PruneConfig, resume: bool) -> Residency:
-    """The one place the residency strategy is decided: several processes under torchrun (neither
-    streaming nor resume), else streaming when asked (``low_memory``) or when the weights do not fit."""
+    """The one place the residency strategy is decided: streaming when asked (``low_memory``) or when the
+    weights do not fit, in one process or several (under torchrun: one rank of them, each holding its own
+    copy of the weights, and every rank taking the decision of any rank that must stream)."""
     rank, world_size = setup(config.device)  # under torchrun / accelerate launch: one rank of several
     if world_size > 1:
-        if resume or config.low_memory:
-            raise ConfigError("--resume and --low-memory are single-process features; launch one process for them")
-        return Residency(streamed=False, resumable=False, rank=rank, world_size=world_size)
+        streamed = Collective(rank, world_size).any(should_stream(config, copies=local_size()),
+                                                    "choosing where the layers live")
+        return Residency(streamed=streamed, resumable=True, rank=rank, world_size=world_size)
     return Residency(streamed=should_stream(config), resumable=True)
 
 
@@ -80,7 +82,9 @@ def _resolve(config: PruneConfig, output: str | Path, overwrite: bool, resume: b
         raise ConfigError("the model's weights do not fit in free memory, and structured removal holds the whole "
                           "model in memory (streaming it from the shards is not supported yet); free memory or "
                           "use a machine with more")
-    partial = check_partial(output, resume, overwrite)
+    partial = check_partial(output, resume, overwrite, writer=where.rank == 0)
+    if where.world_size > 1:  # rank 0 has removed what --overwrite removes before any rank writes
+        Collective(where.rank, where.world_size).barrier("checking the output")
     resolve_data_dir(config.data_dir)
     if config.eval_settings is not None:
         preflight(config.eval_settings)
@@ -133,9 +137,10 @@ def prune_checkpoint(
 
 
 def _evaluate(model, tokenizer, config: PruneConfig, report: PruneReport, progress: bool) -> None:
-    """The evaluation stage: the sparse model with its low-rank corrections (if any), recorded in ``report``."""
+    """The evaluation stage: the sparse model with its low-rank corrections (if any), recorded in ``report``;
+    on the pruning device (``config.device``), where the whole model fits there, and back in place after."""
     t = time.perf_counter()
-    with applied(model, report.adapters):
+    with whole_model_on(model, resolve_device(config.device)), applied(model, report.adapters):
         report.evaluation = evaluate(model, tokenizer, config.eval_settings, progress=progress,
                                      model_name=report.model, pruning=report.metadata())
     report.seconds["eval"] = time.perf_counter() - t

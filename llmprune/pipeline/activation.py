@@ -54,7 +54,7 @@ def activation_pass(run, config, tokenizer=None) -> tuple[ActivationResult, Any]
     held = holdout_windows(config, tokenizer, seqlen) if seqlen > 1 else None
     if held is not None:
         t0 = time.perf_counter()
-        result.holdout = measure_holdout(run.model, handle, held[0], run.device, held[1])
+        result.holdout = measure_holdout(run, handle, held[0], held[1])
         log.info("activation sparsity on held-out %s: %.4f weighted by weights fed (%.1fs)",
                  held[1]["source"], result.holdout["weighted"] or 0.0, time.perf_counter() - t0)
     return result, handle

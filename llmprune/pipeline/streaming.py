@@ -1,6 +1,7 @@
 """The streamed variant of the pipeline: when to stream (``--low-memory``, or weights larger than the
 memory available), what streaming refuses, and the run itself (:func:`prune_streaming`), which hands the
-engine a :class:`~llmprune.engine.residency.streaming.ShardStream` residency.
+engine a :class:`~llmprune.engine.residency.streaming.ShardStream` residency. Under several processes each
+rank streams every layer itself and prunes its share of the calibration windows; rank 0 writes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from ..checkpoint.folder import REPORT_FILE, check_output
 from ..checkpoint.save import save_pruned
+from ..engine.residency.distributed import world
 from ..engine.residency.resume import Progress, check_partial
 from ..engine.residency.streaming import ShardStream, build_skeleton
 from ..engine.targets import find_decoder_layers
@@ -37,10 +39,11 @@ STREAM_HOOKS: list = []
 FIT_FRACTION = 0.7  # in-memory pruning when the weights take at most this share of the memory available
 
 
-def should_stream(config: PruneConfig, folder: Path | None = None) -> bool:
-    """``config.low_memory``, or when it is None, whether the weights exceed ``FIT_FRACTION`` of the
-    memory available (logged). A Hub id is not downloaded to decide: its ``model.safetensors.index.json``
-    total is read when it is cached, else the in-memory path is taken."""
+def should_stream(config: PruneConfig, folder: Path | None = None, copies: int = 1) -> bool:
+    """``config.low_memory``, or when it is None, whether the weights (``copies`` of them: one per process on
+    this machine) exceed ``FIT_FRACTION`` of the memory available (logged). A Hub id is not downloaded to
+    decide: its ``model.safetensors.index.json`` total is read when it is cached, else the in-memory path is
+    taken."""
     if config.low_memory is not None:
         return config.low_memory
     try:
@@ -48,7 +51,7 @@ def should_stream(config: PruneConfig, folder: Path | None = None) -> bool:
         if folder is None:
             return False
         dtype = resolve_dtype(config.dtype)
-        weights = ShardIndex(folder).nbytes(dtype if isinstance(dtype, torch.dtype) else None)
+        weights = copies * ShardIndex(folder).nbytes(dtype if isinstance(dtype, torch.dtype) else None)
     except (StreamingError, ModelLoadError, OSError):
         return False  # the in-memory loader gives the error with its own message
     avail = available_memory()
@@ -100,17 +103,18 @@ def prune_streaming(config: PruneConfig, output: str | Path, overwrite: bool = F
     """Prune ``config.model`` into ``output`` with the decoder layers streamed from its shards; the
     same checkpoint as :func:`llmprune.prune_checkpoint` in memory. The layer shards are written into
     the run's progress folder (:mod:`llmprune.resume`), from which ``resume`` continues an interrupted
-    run. Returns the :class:`PruneReport`."""
+    run. Returns the :class:`PruneReport`. Under several processes rank 0 writes the output and the progress."""
+    rank, _ = world()
     check_streamable(config)
     check_output(output, overwrite)
-    staging = check_partial(output, resume, overwrite)
+    staging = check_partial(output, resume, overwrite, writer=rank == 0)
     for hook in STREAM_HOOKS:
         hook()
     t0 = time.perf_counter()
     folder = folder or resolve_folder(config.model, config.trust_remote_code)
     model, index = build_skeleton(folder, config, read_rest=False)  # the embeddings are read by the capture
     layers_name, layers = find_decoder_layers(model)
-    stream = ShardStream(index, staging, layers_name, model.dtype)
+    stream = ShardStream(index, staging, layers_name, model.dtype, writer=rank == 0)
     stream.set_aside(model, layers)
     tokenizer = load_tokenizer(folder, config.trust_remote_code)
     t_load = time.perf_counter() - t0
@@ -136,9 +140,10 @@ def prune_streaming(config: PruneConfig, output: str | Path, overwrite: bool = F
         if config.model is None:
             report.model = f"embedded:{folder}"
         t1 = time.perf_counter()
-        tokenizer = tokenizer or load_tokenizer(folder, config.trust_remote_code)
-        save_pruned(model, tokenizer, output, report, overwrite=overwrite,
-                    write_model=lambda tmp: stream.write_model(model, tmp))
+        if rank == 0:  # one writer; the other ranks pruned the same layers and dropped them
+            tokenizer = tokenizer or load_tokenizer(folder, config.trust_remote_code)
+            save_pruned(model, tokenizer, output, report, overwrite=overwrite,
+                        write_model=lambda tmp: stream.write_model(model, tmp))
         tracker.discard()  # the layer shards live on in the output (hard links)
     except BaseException:
         if tracker is not None:
@@ -148,5 +153,6 @@ def prune_streaming(config: PruneConfig, output: str | Path, overwrite: bool = F
         index.close()
     report.seconds = {"load": t_load, **report.seconds, "save": time.perf_counter() - t1,
                       "total": time.perf_counter() - t0}
-    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if rank == 0:
+        (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report

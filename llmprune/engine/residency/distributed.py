@@ -12,12 +12,19 @@ inputs of the next module, so there is never a set of targets ready to be pruned
 pruning arithmetic is deterministic given the same statistics. That this holds is checked, not assumed:
 after each layer the ranks compare every module's mask hash (a few bytes each) and stop with an error
 naming the module if they differ. The communication per layer is thus one all-reduce per distinct input
-(``in × in`` floats for a Hessian) and one small gather. Rank 0 writes the checkpoint.
+(``in × in`` floats for a Hessian), one small header per target and one small gather. Rank 0 writes the
+checkpoint, and the progress of ``--resume`` (each rank saves its own hidden states beside it).
+
+Every rank must enter every collective in the same order, or the run hangs. So each sum of statistics
+starts with a small header all-reduced by every rank (:meth:`Collective.reduce_stats`): which target it
+is for (the ranks stop with an error if they name different ones), this rank's token count, whether its
+statistics are still its own, and which tensors it holds. The tensors that follow are decided by the
+header alone, the same on every rank. Routed experts rely on it: a rank's tokens may not reach every
+expert, so a rank whose tokens missed an expert sums zeros of the right shape in its place, and an expert
+that no rank's tokens reached is pruned by magnitude on every rank, as in one process.
 
 The result equals a one-process run on the same windows up to the summation order of the statistics
-(identical masks on the tiny test models). Models with routed experts are refused (a rank's tokens may not
-reach every expert, so the ranks would not prune in the same order), and so are ``--low-memory`` and
-progress saving for ``--resume``, which are single-process features for now.
+(identical masks on the tiny test models).
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import contextlib
 import logging
 import os
 import time
+import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -51,6 +60,11 @@ def world() -> tuple[int, int]:
 def launched() -> bool:
     """Whether this process was started by a launcher for several processes (``WORLD_SIZE`` > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_size() -> int:
+    """Processes of this run on this machine (``LOCAL_WORLD_SIZE``, set by the launcher; else one)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def setup(device: str = "auto") -> tuple[int, int]:
@@ -109,29 +123,88 @@ class Collective:
                                    f"give --nsamples {self.size} or more, or launch fewer processes")
         return input_ids.tensor_split(self.size)[self.rank]
 
-    def reduce_stats(self, stats: InputStats | None) -> None:
-        """Sum ``stats`` over the ranks in place, once (statistics shared by q/k/v are summed once)."""
+    def reduce_stats(self, name: str, stats: InputStats, width: int, device: torch.device) -> None:
+        """Sum ``stats``, the input statistics of target ``name`` (``width`` inputs), over the ranks in place.
+
+        A header comes first, all-reduced by every rank: ``[pending, n, name, has sq, has sum, has H]`` per
+        rank. Every rank then enters the same all-reduces, whatever its own statistics hold:
+
+        - no rank pending (statistics shared by q/k/v, or OWL's first layer reused): nothing more;
+        - every rank pending: each statistic that any rank holds is summed, zeros standing in for a rank
+          that holds none (its tokens did not reach this expert);
+        - some pending: those ranks had no tokens for this input (an expert) while the others hold the sum
+          already (it reached them through a target sharing the input); the lowest of those sends it
+          alone, the others zeros, so every rank ends with that same sum."""
         import torch.distributed as dist
 
-        if stats is None or getattr(stats, "_reduced", False):  # q/k/v share one; OWL's first layer is reused
-            return
-        stats._reduced = True
+        fields = ("sq", "sum", "_H")
         t0 = time.perf_counter()
+        pending = not getattr(stats, "_reduced", False)
+        mine = [float(pending), float(stats.n), float(zlib.crc32(name.encode()))]
+        mine += [float(getattr(stats, f) is not None) for f in fields]
+        header = torch.zeros(self.size, len(mine), dtype=torch.float64)  # exact for counts below 2**53
+        header[self.rank] = torch.tensor(mine, dtype=torch.float64)
+        header = header.to(device)  # nccl sums tensors on the GPU only
         with _peers(self.rank, "summing the input statistics"):
-            n = torch.tensor([float(stats.n)], dtype=torch.float64)
-            dist.all_reduce(n)
-            stats.n = int(n.item())
-            for name in ("sq", "sum"):
-                t = getattr(stats, name)
-                if t is not None:
-                    dist.all_reduce(t)
-                    self.bytes += t.numel() * t.element_size()
+            dist.all_reduce(header)
+            header = header.cpu()
+            names = header[:, 2]
+            if not bool((names == names[0]).all()):
+                raise DistributedError(
+                    f"the ranks reached different modules at the same step (rank {self.rank}: {name}): routed "
+                    "experts that are separate modules run only for the tokens routed to them, so the ranks "
+                    "prune them in different orders; use --sequential dense-layer, or run in one process")
+            flags = header[:, 0].bool()
+            stats._reduced = True
+            if not bool(flags.any()):
+                self.seconds += time.perf_counter() - t0
+                return
+            src = None if bool(flags.all()) else int((~flags).nonzero()[0])  # the rank that holds the sum
+            if src is not None and bool((header[flags, 1] > 0).any()):
+                raise DistributedError(f"{name}: some ranks hold the summed statistics while others still hold "
+                                       "their own tokens; this is a bug, please report it")
+            stats.n = int(header[:, 1].sum().item()) if src is None else int(header[src, 1].item())
             if stats._H is not None:
-                H = stats.H  # symmetric: the ranks' partial upper triangles mirrored first
-                dist.all_reduce(H)
-                self.bytes += H.numel() * H.element_size()
+                stats.H = stats.H  # symmetric: the rank's partial upper triangle mirrored before the sum
+            for k, f in enumerate(fields):
+                if not bool(header[:, 3 + k].any()):
+                    continue
+                t = getattr(stats, f)
+                if t is None:  # this rank's tokens did not reach the input: zeros of the others' shape
+                    shape = (width, width) if f == "_H" else (width,)
+                    t = torch.zeros(shape, dtype=torch.float32, device=device)
+                    setattr(stats, f, t)
+                send = t if src is None or pending or self.rank == src else torch.zeros_like(t)
+                dist.all_reduce(send)
+                if send is not t:  # this rank held the sum already; ``send`` now holds it too
+                    t.copy_(send)
+                self.bytes += t.numel() * t.element_size()
         stats.cache = {}
         self.seconds += time.perf_counter() - t0
+
+    def barrier(self, what: str) -> None:
+        """Wait until every rank gets here (e.g. has saved its part of the progress)."""
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        with _peers(self.rank, what):
+            dist.barrier()
+        self.seconds += time.perf_counter() - t0
+
+    def gather(self, obj: Any, what: str) -> list[Any]:
+        """``obj`` of every rank, in rank order."""
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        everyone: list[Any] = [None] * self.size
+        with _peers(self.rank, what):
+            dist.all_gather_object(everyone, obj)
+        self.seconds += time.perf_counter() - t0
+        return everyone
+
+    def any(self, flag: bool, what: str) -> bool:
+        """Whether ``flag`` holds on any rank: one decision every rank takes alike."""
+        return any(self.gather(bool(flag), what))
 
     def check_masks(self, index: int, masks: dict[str, str]) -> None:
         """Stop when any rank pruned a module of layer ``index`` differently (mask hashes compared)."""

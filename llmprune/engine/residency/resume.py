@@ -19,6 +19,12 @@ layer's inputs, an observe pass such as OWL's), checks the fingerprints (a chang
 calibration is refused with a message), restores the pruned layers and the hidden states and goes on
 from the next layer: the checkpoint is the same, bit for bit, as an uninterrupted run's. The folder
 is removed once the output is complete. A streamed run may be resumed in memory and vice versa.
+
+Under several processes (:mod:`.distributed`) rank 0 saves the layers, the plan and ``progress.json``,
+and each rank its own hidden states (``hidden-<i>-rank<r>.safetensors``: its share of the calibration
+windows); ``progress.json`` is replaced only once every rank has saved them, and every rank reads it to
+resume. A run is resumed with as many processes as it was started with (the windows are shared by rank).
+The folder must then be on a filesystem every rank sees.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import torch
 from ...errors import ConfigError
 from ...steps import LowRank
 from ..layer import LayerReport, ModuleReport
+from .distributed import Collective
 from .streaming import ShardStream
 
 if TYPE_CHECKING:
@@ -103,6 +110,11 @@ def tokens_hash(chunks: list[torch.Tensor]) -> str:
     return hashlib.sha256(torch.cat(chunks).numpy().tobytes()).hexdigest()[:16]
 
 
+def _hidden_file(i: int, rank: int, size: int) -> str:
+    """The file of rank ``rank``'s hidden states after layer ``i`` (one process: no rank in the name)."""
+    return f"hidden-{i:06d}.safetensors" if size == 1 else f"hidden-{i:06d}-rank{rank:03d}.safetensors"
+
+
 def _report_from(d: dict) -> LayerReport:
     mods = [ModuleReport(**{**m, "shape": tuple(m["shape"])}) for m in d.pop("modules")]
     return LayerReport(**d, modules=mods)
@@ -131,11 +143,15 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 class Progress:
     """Layer residency wrapper: ``inner`` (a :class:`~llmprune.offload.DiskOffloader` or a
     :class:`~llmprune.stream.ShardStream`) does the residency; this saves progress after every layer
-    (``layer_done``) and, when resuming, brings the engine to where the saved progress stopped (``restore``)."""
+    (``layer_done``) and, when resuming, brings the engine to where the saved progress stopped (``restore``).
+    Under several processes rank 0 (the ``writer``) saves all but the other ranks' hidden states."""
 
     def __init__(self, inner: Any, folder: str | Path, config: PruneConfig, model_folder: str | Path | None,
                  resume: bool):
         self.inner = inner
+        self.collective = Collective.current()  # None in one process
+        self.rank, self.size = (0, 1) if self.collective is None else (self.collective.rank, self.collective.size)
+        self.writer = self.rank == 0
         self.folder = Path(folder)  # created with the first layer's progress (a streamed run's shards: before)
         self.resume = resume
         self.stamp = {"format": FORMAT, "config_sha256": config_hash(config),
@@ -144,6 +160,14 @@ class Progress:
         self.saved = self.load() if resume else None
         if self.saved is not None:
             self._check(self.saved, self.stamp, self.settings)
+            processes = int(self.saved.get("processes", 1))
+            if processes != self.size:
+                raise ResumeError(
+                    f"cannot resume: the interrupted run ran in {processes} process(es), this one in {self.size} "
+                    "(each rank saved the hidden states of its share of the calibration windows); launch "
+                    f"{'it without torchrun' if processes == 1 else f'{processes} processes (torchrun --nproc-per-node {processes})'}"
+                    ", or pass --overwrite without --resume to start again"
+                )
 
     def __getattr__(self, name: str) -> Any:  # acquire, release, set_aside, observed, fetch, paging_out
         return getattr(self.__dict__["inner"], name)
@@ -178,14 +202,14 @@ class Progress:
     def restore(self, run, plan, hidden: list[torch.Tensor]) -> tuple[int, list[str] | None, list[LayerReport]]:
         """``(start, order, reports)``: the pruned layers put back, ``hidden`` overwritten with the saved
         inputs of layer ``start``, the plan's records and the RNG restored."""
-        self.stamp["tokens_sha256"] = tokens_hash(run.chunks)
+        self.stamp["tokens_sha256"] = self._tokens_hash(run.chunks)
         if self.saved is None:
             return 0, None, []
         self._check(self.saved, {"tokens_sha256": self.stamp["tokens_sha256"]})
         k = self.layers_done
         for i in range(k):
             self._restore_layer(run, i)
-        saved_hidden = _load_tensors(self.folder / f"hidden-{k - 1:06d}.safetensors")
+        saved_hidden = _load_tensors(self.folder / _hidden_file(k - 1, self.rank, self.size))
         for c in range(len(hidden)):
             saved = saved_hidden[str(c)]
             if hidden[c].shape == saved.shape and hidden[c].dtype == saved.dtype:
@@ -202,6 +226,15 @@ class Progress:
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(self.saved["rng"])), dtype=torch.uint8))
         log.info("resuming after layer %d of %d (progress in %s)", k - 1, len(run.layers), self.folder)
         return k, self.saved["order"], [_report_from(dict(r)) for r in self.saved["reports"]]
+
+    def _tokens_hash(self, chunks: list[torch.Tensor]) -> str:
+        """The calibration tokens' fingerprint: of this process's chunks, or of every rank's share in rank order
+        (the same on every rank)."""
+        mine = tokens_hash(chunks)
+        if self.collective is None:
+            return mine
+        everyone = self.collective.gather(mine, "comparing the calibration tokens")
+        return hashlib.sha256("".join(everyone).encode()).hexdigest()[:16]
 
     def _restore_layer(self, run, i: int) -> None:
         path = self.folder / f"layer-{i:06d}.safetensors"
@@ -225,13 +258,17 @@ class Progress:
                    reports: list[LayerReport]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"layer-{i:06d}.safetensors"
-        if not isinstance(self.inner, ShardStream):  # in memory: the layer's tensors (a streamed run wrote its shard)
+        if self.writer and not isinstance(self.inner, ShardStream):  # in memory: the layer (streamed: its shard)
             prefix = f"{run.layers_name}.{i}."
             _save_tensors({prefix + k: v for k, v in run.layers[i].state_dict().items()}, path)
             observed = getattr(self.inner, "observed", None)
             if observed is not None:  # read, not changed: the disk offloader hands the pages back
                 observed(i, run.layers[i])
-        _save_tensors({str(c): h for c, h in enumerate(hidden)}, self.folder / f"hidden-{i:06d}.safetensors")
+        _save_tensors({str(c): h for c, h in enumerate(hidden)}, self.folder / _hidden_file(i, self.rank, self.size))
+        if self.collective is not None:  # every rank's hidden states on disk before progress.json names them
+            self.collective.barrier(f"saving the progress of layer {i}")
+        if not self.writer:
+            return
         tensors = {f"perm.{n}": t for n, t in plan.permutations.items()}
         for name, lr in plan.adapters.items():
             tensors[f"A.{name}"], tensors[f"B.{name}"] = lr.A, lr.B
@@ -239,22 +276,25 @@ class Progress:
         adapters = {n: {f.name: getattr(lr, f.name) for f in dataclasses.fields(lr) if f.name not in ("A", "B")}
                     for n, lr in plan.adapters.items()}
         progress = {
-            **self.stamp, "settings": self.settings, "layers_done": i + 1, "layers": len(run.layers), "order": order,
+            **self.stamp, "settings": self.settings, "processes": self.size, "layers_done": i + 1, "layers": len(run.layers), "order": order,
             "reports": [dataclasses.asdict(r) for r in reports], "skipped": dict(run.skipped),
             "nm_search": dict(plan.nm_search), "uncompensated": dict(plan.uncompensated), "adapters": adapters,
             "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         }
         _write_json(self.folder / PROGRESS_FILE, progress)
-        for stale in (f"hidden-{i - 1:06d}.safetensors", f"plan-{i - 1:06d}.safetensors"):
-            (self.folder / stale).unlink(missing_ok=True)
+        stale = [_hidden_file(i - 1, r, self.size) for r in range(self.size)] + [f"plan-{i - 1:06d}.safetensors"]
+        for name in stale:
+            (self.folder / name).unlink(missing_ok=True)
 
     def discard(self) -> None:
-        """The output is complete: the progress is no longer needed."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """The output is complete: the progress is no longer needed (removed by the writer, rank 0)."""
+        if self.writer:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def failed(self) -> None:
-        """The run stopped with an error: its progress stays for ``--resume``, unless there is none."""
-        if not (self.folder / PROGRESS_FILE).is_file():
+        """The run stopped with an error: its progress stays for ``--resume``, unless there is none (the writer,
+        rank 0, decides)."""
+        if self.writer and not (self.folder / PROGRESS_FILE).is_file():
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -300,22 +340,25 @@ def describe_partial(output: str | Path) -> str | None:
             "run the same command with --resume to continue, or with --overwrite to start again (which removes it)")
 
 
-def check_partial(output: str | Path, resume: bool, overwrite: bool) -> Path:
+def check_partial(output: str | Path, resume: bool, overwrite: bool, writer: bool = True) -> Path:
     """The progress folder of ``output``; an interrupted run's progress is never discarded silently.
-    ``overwrite`` also removes the scratch folders a killed run left (:func:`leftovers`)."""
+    ``overwrite`` also removes the scratch folders a killed run left (:func:`leftovers`). Only a ``writer``
+    (rank 0 of several processes) removes anything; the other ranks check alike."""
     folder = partial_folder(output)
-    if folder.exists() and not (folder / PROGRESS_FILE).is_file():  # killed before its first layer: nothing to keep
+    kept = (folder / PROGRESS_FILE).is_file()
+    if folder.exists() and not kept and writer:  # killed before its first layer: nothing to keep
         shutil.rmtree(folder, ignore_errors=True)
     stale = leftovers(output)
     if stale and overwrite:
-        log.info("removing %d folder(s) a killed run left beside the output (--overwrite): %s", len(stale),
-                 ", ".join(p.name for p in stale))
-        for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
+        if writer:
+            log.info("removing %d folder(s) a killed run left beside the output (--overwrite): %s", len(stale),
+                     ", ".join(p.name for p in stale))
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True)
     elif stale:
         log.warning("a killed run left %d scratch folder(s) beside the output (%.0f MB): %s; --overwrite removes them",
                     len(stale), sum(map(_size, stale)) / 2**20, ", ".join(p.name for p in stale))
-    if folder.exists() and not resume:
+    if kept and not resume:
         done = None
         try:
             done = json.loads((folder / PROGRESS_FILE).read_text())["layers_done"]
@@ -327,6 +370,7 @@ def check_partial(output: str | Path, resume: bool, overwrite: bool) -> Path:
                 + (f" ({done} layer(s) pruned, {_size(folder) / 2**20:.0f} MB)" if done is not None else "")
                 + "; pass --resume to continue it, or --overwrite to start again"
             )
-        log.info("discarding the progress of an interrupted run in %s (--overwrite)", folder)
-        shutil.rmtree(folder)
+        if writer:
+            log.info("discarding the progress of an interrupted run in %s (--overwrite)", folder)
+            shutil.rmtree(folder)
     return folder

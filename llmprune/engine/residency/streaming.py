@@ -24,6 +24,9 @@ output holds one shard per decoder layer and one for the rest, with a ``model.sa
 and the same tensors, bit for bit, as the in-memory path writes at the same thread count
 (``tests/test_stream.py``).
 
+Under several processes (:mod:`.distributed`) every rank streams each layer from the shards and prunes
+it; only rank 0 (``writer``) writes the layer shards and the output, the others drop each layer once pruned.
+
 Checkpoints whose layout ``transformers`` converts on load (fused MoE experts stored per expert, as
 Mixtral's in transformers 5) are refused: their layers cannot be read one tensor at a time as stored.
 """
@@ -108,10 +111,12 @@ def build_skeleton(folder: Path, config: PruneConfig, read_rest: bool = True):
 
 class ShardStream:
     """Layer residency that keeps no layer's weights between layers: read from ``index`` when the engine
-    reaches a layer, written to a shard of ``folder`` once it is pruned, then back to the meta device."""
+    reaches a layer, written to a shard of ``folder`` once it is pruned, then back to the meta device. Not a
+    ``writer`` (a rank other than 0 of several processes): the pruned layer is dropped without writing."""
 
-    def __init__(self, index: ShardIndex, folder: str | Path, prefix: str, dtype: torch.dtype):
+    def __init__(self, index: ShardIndex, folder: str | Path, prefix: str, dtype: torch.dtype, writer: bool = True):
         self.index = index
+        self.writer = writer
         self.folder = Path(folder)  # created with the first layer written
         self.prefix = prefix  # "model.layers"
         self.dtype = dtype
@@ -226,6 +231,11 @@ class ShardStream:
     def release(self, index: int, layer: nn.Module) -> None:
         from safetensors.torch import save_file
 
+        if not self.writer:  # rank 0 writes the same pruned layer
+            self.observed(index, layer)
+            if self._libc is not None:
+                self._libc.malloc_trim(0)
+            return
         state = {f"{self.prefix}.{index}.{k}": v.detach().contiguous() for k, v in layer.state_dict().items()}
         shard = f"layer-{index:06d}.safetensors"
         self.folder.mkdir(parents=True, exist_ok=True)
