@@ -14,6 +14,7 @@ from conftest import byte_tokenizer, make_tiny_model
 from torch import nn
 
 import llmprune
+from llmprune.cli.parser import build_parser
 from llmprune.cli import main
 from llmprune.config import PruneConfig
 from llmprune.checkpoint.folder import REPORT_FILE, OutputExistsError
@@ -192,6 +193,16 @@ def test_cli_help_lists_every_flag():
     for flag in sorted(flags):
         assert flag in res.stdout, flag
     assert "llmprune prune" in res.stdout  # the examples
+
+
+@pytest.mark.parametrize("command", ["prune", "eval", "recover"])
+def test_every_help_formats(command, capsys):
+    # argparse formats help strings with %: a description's "0.5 % of" must come out escaped
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args([command, "--help"])
+    assert stop.value.code == 0
+    if command == "prune":
+        assert "0.004 % of" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -107,12 +107,13 @@ def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
 
 def _help(field: Any) -> str:
     """The field's description, with its default where the description does not already say it
-    (a None default means 'not set', which the description explains)."""
+    (a None default means 'not set', which the description explains); ``%`` escaped, as argparse
+    formats help strings with ``%`` (a description's "0.5 % of" would otherwise break ``--help``)."""
     default = field.default if field.default_factory is None else field.default_factory()
     text = field.description or ""
-    if default is None or default == [] or "default" in text.lower():
-        return text
-    return f"{text} (default: {default})"
+    if not (default is None or default == [] or "default" in text.lower()):
+        text = f"{text} (default: {default})"
+    return text.replace("%", "%%")
 
 
 def _add_flag(parser: Any, name: str, field: Any) -> None:
