@@ -113,7 +113,10 @@ def test_a_killed_rank_ends_the_run_and_leaves_nothing(tmp_path):
                           "16", "--device", "cpu", "--output", str(out), "-q"], env=env, capture_output=True,
                          text=True, timeout=240)
     assert res.returncode != 0, res.stderr[-2000:]
-    assert "llmprune: error: rank 0 lost the other processes while" in res.stderr, res.stderr[-3000:]
+    # rank 0 ends in one line either way: its next collective finds the peer gone, or torchrun's agent, which
+    # saw rank 1 die, sends it SIGTERM first (a race of milliseconds: both happen on a loaded machine)
+    assert ("llmprune: error: rank 0 lost the other processes while" in res.stderr
+            or "llmprune: terminated; nothing was written" in res.stderr), res.stderr[-3000:]
     assert not out.exists() and len(leftovers(out)) == 1  # rank 1's offload: a SIGKILL runs no clean-up
     from llmprune.engine.residency.resume import check_partial
 
