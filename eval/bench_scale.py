@@ -78,6 +78,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_prune import machine  # noqa: E402
+from bench_sparsity import HWM_WRAPPER  # noqa: E402  (the CLI, then its VmHWM to $LLMPRUNE_BENCH_HWM)
 
 # name: hidden, intermediate, heads, kv heads, head_dim, decoder layers of the real model, nsamples, seqlen
 WIDTHS = {
@@ -132,16 +133,6 @@ PUBLISHED = [
     "Wanda (Sun et al. 2023): LLaMA-7B's pruning metric in seconds on a GPU (the whole model, forward "
     "passes aside).",
 ]
-
-HWM_WRAPPER = """
-import os, runpy, sys
-sys.argv = ["llmprune", *sys.argv[1:]]
-try:
-    runpy.run_module("llmprune.cli", run_name="__main__")
-finally:
-    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
-    open(os.environ["LLMPRUNE_BENCH_HWM"], "w").write(hwm)
-"""
 
 
 # ---------------------------------------------------------------------------------------------- the model
