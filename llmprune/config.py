@@ -29,6 +29,7 @@ from .settings import Settings, check_regex, split_list
 from .steps.admm import ADMMOptions
 from .steps.dsnot import DSnoTOptions
 from .steps.eora import EoRAOptions
+from .steps.evopress import SearchOptions
 from .steps.owl import OWLOptions
 from .structured.options import DIMENSIONS, StructureOptions
 
@@ -121,8 +122,8 @@ class _Core(Settings):
 # a method's `options` are its model's fields, so option_owners() cannot drift from them. pydantic orders
 # inherited fields from the last base to the first, then the class's own: the bases are listed in reverse so the
 # keys (model_dump, config.json, to_yaml, --help, "valid keys" errors) keep their order: core, SparseGPT, RIA,
-# DSnoT, ALPS, ADMM, EoRA, OWL, activation, structured removal, then engine, eval, save format.
-class PruneConfig(StructureOptions, ActivationOptions, OWLOptions, EoRAOptions, ADMMOptions, ALPSOptions,
+# DSnoT, ALPS, ADMM, EoRA, OWL, search, activation, structured removal, then engine, eval, save format.
+class PruneConfig(StructureOptions, ActivationOptions, SearchOptions, OWLOptions, EoRAOptions, ADMMOptions, ALPSOptions,
                   DSnoTOptions, RIAOptions, SparseGPTOptions, _Core):
     """What to prune, how, and with which calibration data."""
 

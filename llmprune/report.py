@@ -46,6 +46,7 @@ class PruneReport:
     versions: dict[str, str] = field(default_factory=library_versions)
     evaluation: Any = None  # EvalResults of the pruned model, when evaluated before saving
     layer_targets: list[tuple[float, str]] | None = None  # per layer (sparsity, pattern) when not uniform
+    search: dict[str, Any] | None = None  # the search allocation's summary (llmprune.pipeline.search)
     permutations: dict[str, Any] = field(default_factory=dict)  # module -> int32 [in] (RIA N:M), see save
     execution: str | None = None  # how the engine ran the layers' chunks (lockstep, replay, ...)
     skipped: dict[str, str] = field(default_factory=dict)  # modules left dense by role (routers), and why
@@ -155,6 +156,8 @@ class PruneReport:
             **({"nm_search": self.nm_search} if self.nm_search else {}),
             "refine": self.config.get("refine"),
             "allocation": self.config.get("allocation"),
+            **({"search": {k: v for k, v in self.search.items() if k not in ("history", "database", "levels")}}
+               if self.search else {}),
             "reconstruct": self.config.get("reconstruct"),
             **({"reconstruction": self.reconstruction_summary()} if self.reconstruction_summary() else {}),
             "compensate": self.config.get("compensate"),
@@ -199,6 +202,7 @@ class PruneReport:
                 "threads": self.threads,
                 "eval": self.evaluation.metrics if self.evaluation else None,
                 "layer_targets": self.layer_targets,
+                "search": self.search,
                 "execution": self.execution,
                 "masks_sha256": self.masks_sha256,
                 "fallbacks": self.fallbacks,

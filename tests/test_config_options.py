@@ -15,11 +15,12 @@ from llmprune.registry import PRUNERS, register_pruner
 from llmprune.steps.admm import ADMM, ADMMOptions
 from llmprune.steps.dsnot import DSnoT, DSnoTOptions
 from llmprune.steps.eora import EoRA, EoRAOptions
+from llmprune.steps.evopress import Search, SearchOptions
 from llmprune.steps.owl import OWL, OWLOptions
 from llmprune.structured.options import StructureOptions
 
 METHODS = [(SparseGPT, SparseGPTOptions), (RIA, RIAOptions), (DSnoT, DSnoTOptions), (ALPS, ALPSOptions),
-           (ADMM, ADMMOptions), (EoRA, EoRAOptions), (OWL, OWLOptions)]
+           (ADMM, ADMMOptions), (EoRA, EoRAOptions), (OWL, OWLOptions), (Search, SearchOptions)]
 
 
 def _same_field(a, b) -> bool:

@@ -121,35 +121,43 @@ class PrunePlan:
         t = self._target_of(name)
         return t if isinstance(t, LayerTarget) else LayerTarget(float(t), self.nm)
 
-    def __call__(self, t: Target, stats: InputStats | None) -> ModuleReport:
-        spec = self.target_of(t.name)
-        pruner, refiner, fallback = self.pruner, self.refiner, None
-        reconstructor, compensator = self.reconstructor, self.compensator
+    def pruned(self, name: str, W: torch.Tensor, stats: InputStats | None, spec: LayerTarget):
+        """``W [out, in]`` (dense float32) pruned to ``spec`` by the pruner, the refinement and the
+        reconstruction: ``(result, reconstruction or None, pruner used, fallback or None)``. Nothing is
+        written to the model (:meth:`__call__` does; the search's variant database stores it)."""
+        pruner, refiner, fallback, reconstructor = self.pruner, self.refiner, None, self.reconstructor
         if (stats is None or stats.n == 0) and self.needs:
             # e.g. an expert no calibration token was routed to
             fallback = "magnitude: no calibration tokens reached it"
             log.warning("%s received no calibration tokens; pruning it by magnitude instead of %s",
-                        t.name, pruner.name)
+                        name, pruner.name)
         if stats is None or stats.n == 0:
-            pruner, refiner, stats = Magnitude(), None, InputStats()
-            reconstructor = compensator = None
+            pruner, refiner, stats, reconstructor = Magnitude(), None, InputStats(), None
         else:
-            check_finite_stats(t.name, stats)
-        W = t.get_weight()  # [out, in] float32
+            check_finite_stats(name, stats)
         choice = getattr(pruner, "nm_choice", None)
         if spec.nm is not None and choice is not None:
             self.nm_search[pattern_name(spec.nm)] = choice(spec.nm)
         res = pruner.prune(W, stats, spec.sparsity, spec.nm)
-        if refiner is not None and spec.sparsity > 0 and refiner.applies(t.name):
+        if refiner is not None and spec.sparsity > 0 and refiner.applies(name):
             res = refiner.refine(W, res, stats, spec.sparsity, spec.nm)
         rec = None
         if reconstructor is not None and spec.sparsity > 0:
             res, rec = reconstructor.reconstruct(W, res, stats, spec.nm)
         if not all_finite(res.W):
             raise NonFiniteError(
-                f"{t.name}: {pruner.name} produced non-finite weights (the weight or its statistics hold inf/NaN); "
+                f"{name}: {pruner.name} produced non-finite weights (the weight or its statistics hold inf/NaN); "
                 "check the model's weights, or prune in float32 (--dtype float32)"
             )
+        return res, rec, pruner, fallback
+
+    def __call__(self, t: Target, stats: InputStats | None) -> ModuleReport:
+        spec = self.target_of(t.name)
+        W = t.get_weight()  # [out, in] float32
+        res, rec, pruner, fallback = self.pruned(t.name, W, stats, spec)
+        if pruner is not self.pruner:
+            stats = InputStats()
+        compensator = self.compensator if pruner is self.pruner else None
         t.set_weight(res.W.masked_fill(res.W == 0, 0.0))  # W * M leaves -0.0: pruned zeros are stored as +0.0
         pattern = pattern_name(spec.nm)
         perm = getattr(res, "perm", None)

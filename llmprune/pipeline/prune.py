@@ -4,6 +4,8 @@ observed, the engine run layer by layer with the plan, activation thresholds aft
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,12 +18,14 @@ from ..engine.passes import SequentialRun
 from ..engine.plan import PrunePlan, pattern_name, sparsity_map
 from ..engine.residency import LayerResidency
 from ..engine.targets import find_decoder_layers, find_targets
+from ..engine.variants import model_targets
 from ..errors import ConfigError
 from ..masks import parse_pattern
 from ..registry import lookup
 from ..report import PruneReport
 from ..steps import LayerTarget
 from .activation import add_activation, prune_activations_only
+from .search import per_layer_mean, search_allocation
 from .structured import prune_structured
 
 if TYPE_CHECKING:
@@ -127,7 +131,20 @@ def prune_model(
                         ignore=config.ignore, progress=progress, residency=residency,
                         sequential=config.sequential, execution=config.execution)
     seconds = {"calibration": t1 - t0}
-    if allocator is not None:
+    search = searched_layers = None
+    if getattr(allocator, "whole_model", False):  # the search: variants of every target, scored on the whole model
+        target_of = sparsity_map(uniform, None, per_module)
+        fixed = frozenset(n for n in model_targets(model, config.targets, config.ignore) if target_of(n) is not uniform
+                          ) if per_module else frozenset()
+        base = PrunePlan(pruner, target_of, refiner=refiner, nm=uniform.nm, reconstructor=reconstructor)
+        found, search = search_allocation(model, tokenizer, config, calibration, ids, calib, run, base, fixed,
+                                          progress)
+        per_module = {**per_module, **{f"^{re.escape(n)}$": t for n, t in found.items()}}
+        sizes = {n: math.prod(t.shape) for n, t in model_targets(model, config.targets, config.ignore).items()}
+        searched_layers = per_layer_mean({n: sparsity_map(uniform, None, per_module)(n) for n in sizes}, sizes,
+                                         len(layers))
+        seconds["search"] = time.perf_counter() - t1
+    elif allocator is not None:
         run.observe(allocator.needs, allocator.observe, keep_first=prune_needs)
         per_layer = _layer_targets(allocator.allocate(uniform.sparsity, uniform.nm), len(layers),
                                    f"allocation {config.allocation!r}")
@@ -146,9 +163,10 @@ def prune_model(
     name = config.model or getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
     report = PruneReport(
         config=cfg, model=str(name), calibration=calib, layers=layer_reports, seconds=seconds,
-        layer_targets=[(t.sparsity, pattern_name(t.nm)) for t in per_layer] if per_layer is not None else None,
+        layer_targets=(searched_layers if searched_layers is not None else
+                       [(t.sparsity, pattern_name(t.nm)) for t in per_layer] if per_layer is not None else None),
         permutations=plan.permutations, execution=run.execution, skipped=dict(run.skipped),
-        nm_search=plan.nm_search, adapters=plan.adapters, uncompensated=plan.uncompensated,
+        nm_search=plan.nm_search, adapters=plan.adapters, uncompensated=plan.uncompensated, search=search,
     )
     if config.activation is not None:  # thresholds calibrated on the pruned model, installed on it
         add_activation(report, run, config, tokenizer)
