@@ -200,6 +200,12 @@ def _body(name: str, meta: dict, layout: dict | None, pruned, dense, model: str 
     if act:
         rows.append(("activation thresholds", ", ".join(f"{k}: {_fmt(v)}" for k, v in act.items()
                                                         if isinstance(v, (str, int, float)))))
+    search = meta.get("search")
+    if search:
+        kl = search.get("fitness_kl", {})
+        rows.append(("search allocation", f"{search.get('chosen')} allocation chosen after {search.get('generations')} "
+                     "generations; fitness (KL from the dense model) " + ", ".join(f"{k} {_fmt(v)}" for k, v in kl.items())
+                     + "; per-module sparsities in config.json"))
     if cfg.get("dtype"):
         rows.append(("dtype", cfg.get("dtype")))
     if versions:

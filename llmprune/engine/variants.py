@@ -6,9 +6,12 @@ calibration, method and its options, targets) and one small safetensors file per
 module's dense weight (``dense.safetensors``) to put back after the search. Files are written to a
 temporary name and renamed, so a killed build leaves whole variants only and a rerun builds the rest.
 
-:func:`build_variants` fills it in one observe pass (:meth:`SequentialRun.observe`): every layer runs
-dense, as in the reference's database (``prune.py`` keeps the dense outputs), and each target is pruned at
-every level it lacks with the run's plan (pruner, refinement, reconstruction).
+:func:`build_variants` fills it in one sequential prune pass at the uniform target: each target is pruned
+at every level it lacks with the run's plan (pruner, refinement, reconstruction), from the statistics it
+sees in that pass, and the pass goes on with the uniform variant. The reference builds its database from the
+dense model's inputs (``prune.py`` keeps the dense outputs); on the embedded model at 70 % the uniform model
+stitched from such variants scores a WikiText-2 perplexity of 820 against 272 for the sequential prune, so a
+search over them optimises a model far from the one the engine then makes.
 
 :class:`KLFitness` scores a candidate: the variants are put into the model (only the modules whose
 level changed since the last call) and ``KL(p_dense ‖ p)`` of the final logits is averaged over the
@@ -32,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ConfigError
-from ..steps import LayerTarget, ObservedModule
+from ..steps import LayerTarget
 from .capture import inference_state
 from .plan import PrunePlan
 from .targets import Target, find_decoder_layers, find_targets
@@ -137,29 +140,38 @@ def model_targets(model: nn.Module, targets: str | None, ignore: str | None) -> 
     return out
 
 
+class VariantPlan(PrunePlan):
+    """A prune pass that writes every level of each target to the database, then prunes the target to its own
+    (uniform) target as ``plan`` would, so the pass goes on sequentially with the uniform model."""
+
+    def __init__(self, plan: PrunePlan, db: VariantDatabase,
+                 levels: Mapping[str, Sequence[tuple[str, LayerTarget]]], dtype: torch.dtype):
+        super().__init__(plan.pruner, plan._target_of, refiner=plan.refiner, nm=plan.nm,
+                         reconstructor=plan.reconstructor)
+        self.db, self.levels, self.dtype = db, levels, dtype
+        self.built = 0
+
+    def __call__(self, t: Target, stats):
+        W = t.get_weight()  # [out, in] float32, dense
+        if not self.db.has(t.name, DENSE):
+            self.db.write(t.name, DENSE, W, self.dtype)
+        for key, spec in self.levels.get(t.name, ()):
+            if not self.db.has(t.name, key):
+                res, _, _, _ = self.pruned(t.name, W, stats, spec)
+                self.db.write(t.name, key, res.W.masked_fill(res.W == 0, 0.0), self.dtype)
+                self.built += 1
+        return super().__call__(t, stats)
+
+
 def build_variants(run, plan: PrunePlan, db: VariantDatabase, levels: Mapping[str, Sequence[tuple[str, LayerTarget]]],
-                   dtype: torch.dtype, extra_needs: frozenset[str] = frozenset(), reducer=None) -> int:
-    """One dense observe pass of ``run`` that prunes every target at each ``(key, target)`` of
-    ``levels[name]`` missing from ``db`` and stores the dense weight. ``reducer(i, modules)``, if given,
-    sees each layer too (an allocator such as OWL). Returns the number of variants built."""
-    built = 0
-
-    def reduce(i: int, modules: list[ObservedModule]) -> None:
-        nonlocal built
-        for m in modules:
-            if not db.has(m.name, DENSE):
-                db.write(m.name, DENSE, m.W, dtype)
-            for key, spec in levels.get(m.name, ()):
-                if db.has(m.name, key):
-                    continue
-                res, _, _, _ = plan.pruned(m.name, m.W, m.stats, spec)
-                db.write(m.name, key, res.W.masked_fill(res.W == 0, 0.0), dtype)
-                built += 1
-        if reducer is not None:
-            reducer(i, modules)
-
-    run.observe(plan.needs | extra_needs, reduce)
-    return built
+                   dtype: torch.dtype) -> int:
+    """One sequential prune pass of ``run`` (it prunes the model to ``plan``'s uniform targets) that writes, for
+    every target, each ``(key, target)`` of ``levels[name]`` missing from ``db``, pruned from the statistics the
+    target sees there, and its dense weight. Returns the number of variants built; the model is left pruned
+    (:meth:`KLFitness.restore` or the dense variants put it back)."""
+    vplan = VariantPlan(plan, db, levels, dtype)
+    run.prune(vplan)
+    return vplan.built
 
 
 def missing(db: VariantDatabase, levels: Mapping[str, Sequence[tuple[str, LayerTarget]]]) -> int:
@@ -179,6 +191,7 @@ class KLFitness:
         self.loaded: dict[str, str] = {}  # module -> variant in the model now
         self.evaluations = 0
         self.dense: list = []
+        self.restore()  # the dense model's own outputs
         with inference_state(model):
             for i in range(ids.shape[0]):
                 logp = torch.log_softmax(model(ids[i:i + 1].to(device)).logits[0].float(), dim=-1)  # [L, V]

@@ -136,7 +136,9 @@ def prune_model(
         target_of = sparsity_map(uniform, None, per_module)
         fixed = frozenset(n for n in model_targets(model, config.targets, config.ignore) if target_of(n) is not uniform
                           ) if per_module else frozenset()
-        base = PrunePlan(pruner, target_of, refiner=refiner, nm=uniform.nm, reconstructor=reconstructor)
+        variant_pruner = (lookup("method", config.search_method).from_config(config) if config.search_method
+                          else pruner)  # e.g. SparseGPT's variants to choose an ALPS allocation
+        base = PrunePlan(variant_pruner, target_of, refiner=refiner, nm=uniform.nm, reconstructor=reconstructor)
         found, search = search_allocation(model, tokenizer, config, calibration, ids, calib, run, base, fixed,
                                           progress)
         per_module = {**per_module, **{f"^{re.escape(n)}$": t for n, t in found.items()}}

@@ -1,8 +1,9 @@
 """The search allocation stage (``allocation: search``, EvoPress: :mod:`llmprune.steps.evopress`).
 
 1. fitness windows drawn from the calibration source with another seed, none equal to a calibration window;
-2. the variant database (:mod:`llmprune.engine.variants`) opened or created for this model, calibration and
-   method, and the levels it lacks built in one dense observe pass (which also observes OWL's outlier ratios);
+2. OWL's outlier ratios from a dense observe pass (kept in the database folder), then the variant database
+   (:mod:`llmprune.engine.variants`) opened or created for this model, calibration and method, and the levels it
+   lacks built in one sequential prune pass at the uniform target;
 3. the evolutionary search on the whole model, its state saved after every generation (a rerun resumes it);
 4. the search's result, the uniform allocation and OWL's (projected onto the grid) scored on every fitness
    token; the best of the three is the allocation (so the search is never worse than either by its own
@@ -22,6 +23,7 @@ import torch
 
 from ..calibration import calibration_tokens
 from ..engine.capture import whole_model_on
+from ..engine.passes import SequentialRun
 from ..engine.plan import PrunePlan, layer_index
 from ..engine.variants import (KLFitness, VariantDatabase, build_variants, fingerprint, missing, model_targets,
                                write_json_atomic)
@@ -42,9 +44,10 @@ OWL_FILE = "owl.json"
 
 def _method_key(config: PruneConfig) -> dict:
     """What the variants depend on: the pruner, refinement and reconstruction with their options."""
-    key = {"method": config.method, "refine": config.refine, "reconstruct": config.reconstruct,
+    method = config.search_method or config.method
+    key = {"method": method, "refine": config.refine, "reconstruct": config.reconstruct,
            "targets": config.targets, "ignore": config.ignore, "dtype": config.dtype}
-    for kind, name in (("method", config.method), ("refine", config.refine), ("reconstruct", config.reconstruct)):
+    for kind, name in (("method", method), ("refine", config.refine), ("reconstruct", config.reconstruct)):
         if name:
             cls = table(kind)[name]
             key.update({k: getattr(config, k) for k in cls.options})
@@ -121,16 +124,22 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
     owl_key = {"owl_m": config.owl_m}
     owl_saved = json.loads(owl_path.read_text()) if owl_path.exists() else None
     owl = OWL(config.owl_m, config.owl_lambda)
-    todo = missing(db, levels)
-    built = 0
-    if todo or owl_saved is None or owl_saved.get("key") != owl_key:
-        log.info("search database %s: building %d variants (%d modules x up to %d levels)", db.folder, todo,
-                 len(names), 2 * opts.search_levels + 1)
-        built = build_variants(run, plan, db, levels, _dtype(model), extra_needs=owl.needs, reducer=owl.observe)
+    if owl_saved is None or owl_saved.get("key") != owl_key:  # OWL's ratios are the dense model's
+        run.observe(owl.needs, owl.observe)
         write_json_atomic(owl_path, {"key": owl_key, "ratios": owl.ratios, "sizes": owl.sizes})
     else:
         owl.ratios = {int(k): v for k, v in owl_saved["ratios"].items()}
         owl.sizes = {int(k): v for k, v in owl_saved["sizes"].items()}
+    todo = missing(db, levels)
+    built = 0
+    if todo:
+        log.info("search database %s: building %d variants (%d modules x up to %d levels)", db.folder, todo,
+                 len(names), 2 * opts.search_levels + 1)
+        # its own run: no residency, so nothing of this pass is saved as --resume progress of the real one
+        db_run = SequentialRun(model, calib_ids, device=run.device, batch_size=config.batch_size,
+                               targets=config.targets, ignore=config.ignore, progress=progress,
+                               sequential=config.sequential, execution=config.execution)
+        built = build_variants(db_run, plan, db, levels, _dtype(model))
     t_db = time.perf_counter()
 
     seqlen = calib_ids.shape[1]
@@ -139,7 +148,7 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
     _check_memory(n_win, seqlen, vocab, opts.search_topk)
     fit_ids = fitness_windows(config, model, tokenizer, calibration, calib_ids, n_win)
     run_key = {"sparsity": config.target_sparsity, "nm": config.nm, "divisor": space.divisor,
-               "options": opts.model_dump(exclude={"search_dir"}),
+               "options": opts.model_dump(exclude={"search_dir", "search_generations"}),  # more generations go on
                "windows_sha256": hashlib.sha256(fit_ids.numpy().tobytes()).hexdigest()[:16]}
     state_path = db.search_path(fingerprint(run_key))
     state = None

@@ -45,7 +45,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..registry import register_allocator
+from ..registry import register_allocator, table
 from ..settings import Settings, split_list
 from .base import Allocator, LayerTarget, ObservedModule
 
@@ -88,6 +88,10 @@ class SearchOptions(Settings):
         "(memory: windows x seqlen x k instead of x vocabulary); none: the full vocabulary.",
     )
     search_seed: int = Field(0, description="search: seed of mutations and token draws.")
+    search_method: str | None = Field(
+        None, description="search: the pruner whose variants fill the database (default: --method), e.g. sparsegpt "
+        "for a database many times faster than ALPS's; the chosen allocation is then pruned with --method.",
+    )
     search_start: Literal["uniform", "owl"] = Field(
         "uniform", description="search: the first parent: 'uniform' (the paper's), or OWL's allocation on the grid "
         "(a warm start when generations are few).",
@@ -357,6 +361,9 @@ class Search(Allocator):
                              "forward of the whole model); drop --low-memory, or use --allocation owl")
         if config.method == "none":
             raise ValueError("allocation 'search' allocates weight sparsity; give a pruning --method")
+        if config.search_method is not None and config.search_method not in table("method"):
+            raise ValueError(f"search_method {config.search_method!r} is not a pruner; choose one of: "
+                             f"{', '.join(sorted(table('method')))}")
 
     def observe(self, layer: int, modules: list[ObservedModule]) -> None:
         raise NotImplementedError("allocation 'search' runs as its own stage (llmprune.pipeline.search)")
