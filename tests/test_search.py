@@ -226,3 +226,20 @@ def test_search_method_builds_the_database_with_another_pruner(tmp_path):
     assert rep.config["method"] == "wanda"  # the chosen allocation is pruned by --method
     with pytest.raises(ConfigError, match="not a pruner"):
         llmprune.PruneConfig.build(dict(allocation="search", search_method="owl"))
+
+
+def test_fitness_memory_is_checked_before_any_work():
+    from llmprune.pipeline.search import _check_memory
+
+    with pytest.raises(ConfigError, match="--search-topk"):
+        _check_memory(10**6, 2048, 49152, None)
+    _check_memory(4, 16, VOCAB, None)  # a small one passes
+
+
+def test_module_sparsity_rules_stay_out_of_the_search(tmp_path):
+    model, rep = _prune(tmp_path, search_generations=1, module_sparsity={r"mlp\.down_proj": 0.3})
+    mods = {m.name: m for layer in rep.layers for m in layer.modules}
+    downs = [m for n, m in mods.items() if n.endswith("down_proj")]
+    assert all(m.target_sparsity == 0.3 for m in downs)
+    assert not any(n.endswith("down_proj") for n in rep.search["levels"])
+    assert all(abs(m.sparsity - 0.3) < 0.02 for m in downs)

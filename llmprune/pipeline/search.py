@@ -103,6 +103,10 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
     if run.collective is not None:
         raise ConfigError("allocation 'search' runs in one process (each candidate is a forward of the whole "
                           "model); launch it without torchrun")
+    seqlen = calib_ids.shape[1]
+    n_win = opts.search_windows or math.ceil(max(opts.search_tokens) / seqlen)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0
+    _check_memory(n_win, seqlen, vocab, opts.search_topk)  # before any work
     targets = {n: t for n, t in model_targets(model, config.targets, config.ignore).items() if n not in fixed}
     if not targets:
         raise ConfigError("allocation 'search' has nothing to allocate: module_sparsity fixes every target; drop "
@@ -142,10 +146,6 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
         built = build_variants(db_run, plan, db, levels, _dtype(model))
     t_db = time.perf_counter()
 
-    seqlen = calib_ids.shape[1]
-    n_win = opts.search_windows or math.ceil(max(opts.search_tokens) / seqlen)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0
-    _check_memory(n_win, seqlen, vocab, opts.search_topk)
     fit_ids = fitness_windows(config, model, tokenizer, calibration, calib_ids, n_win)
     run_key = {"sparsity": config.target_sparsity, "nm": config.nm, "divisor": space.divisor,
                "options": opts.model_dump(exclude={"search_dir", "search_generations"}),  # more generations go on
@@ -165,9 +165,9 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
         write_json_atomic(state_path, {"key": run_key, "state": s.to_dict()})
 
     with whole_model_on(model, run.device) as on:
-        fitness = KLFitness(model, fit_ids, db, {n: t for n, t in model_targets(model, config.targets,
-                                                                                  config.ignore).items()
-                                                 if n in targets}, on, opts.search_topk)
+        # every target, the fixed ones too: dense while the search runs, and dense again after it
+        fitness = KLFitness(model, fit_ids, db, model_targets(model, config.targets, config.ignore), on,
+                            opts.search_topk)
         try:
             owl_levels = _owl_levels(space, owl, names, config)
             state = evolve(space, lambda c, w, t: fitness(variants(c), w, t), opts, fit_ids.shape[0], seqlen,
