@@ -372,3 +372,14 @@ def tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     except ImportError:
         return []
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def model_targets(model: nn.Module, targets: str | None, ignore: str | None) -> dict[str, Target]:
+    """Every target of the model by full name, in layer order."""
+    layers_name, layers = find_decoder_layers(model)
+    out: dict[str, Target] = {}
+    for i, layer in enumerate(layers):
+        found = find_targets(layer, f"{layers_name}.{i}", targets, ignore)
+        for t in found.targets + [t for g in found.groups for t in g.targets]:
+            out[t.name] = t
+    return out

@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from ..steps import LayerTarget
 from .capture import inference_state
 from .plan import PrunePlan
-from .targets import Target, find_decoder_layers, find_targets
+from .targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +129,6 @@ class VariantDatabase:
         return self.folder / "searches" / f"{fingerprint}.json"
 
 
-def model_targets(model: nn.Module, targets: str | None, ignore: str | None) -> dict[str, Target]:
-    """Every target of the model by full name, in layer order."""
-    layers_name, layers = find_decoder_layers(model)
-    out: dict[str, Target] = {}
-    for i, layer in enumerate(layers):
-        found = find_targets(layer, f"{layers_name}.{i}", targets, ignore)
-        for t in found.targets + [t for g in found.groups for t in g.targets]:
-            out[t.name] = t
-    return out
-
-
 class VariantPlan(PrunePlan):
     """A prune pass that writes every level of each target to the database, then prunes the target to its own
     (uniform) target as ``plan`` would, so the pass goes on sequentially with the uniform model."""
@@ -155,12 +144,18 @@ class VariantPlan(PrunePlan):
         W = t.get_weight()  # [out, in] float32, dense
         if not self.db.has(t.name, DENSE):
             self.db.write(t.name, DENSE, W, self.dtype)
+        own = self.target_of(t.name)
         for key, spec in self.levels.get(t.name, ()):
-            if not self.db.has(t.name, key):
+            if spec != own and not self.db.has(t.name, key):
                 res, _, _, _ = self.pruned(t.name, W, stats, spec)
                 self.db.write(t.name, key, res.W.masked_fill(res.W == 0, 0.0), self.dtype)
                 self.built += 1
-        return super().__call__(t, stats)
+        report = super().__call__(t, stats)
+        for key, spec in self.levels.get(t.name, ()):  # the uniform level: what the pass just wrote to the model
+            if spec == own and not self.db.has(t.name, key):
+                self.db.write(t.name, key, t.get_weight(), self.dtype)
+                self.built += 1
+        return report
 
 
 def build_variants(run, plan: PrunePlan, db: VariantDatabase, levels: Mapping[str, Sequence[tuple[str, LayerTarget]]],

@@ -17,8 +17,7 @@ from ..engine.capture import resolve_device
 from ..engine.passes import SequentialRun
 from ..engine.plan import PrunePlan, pattern_name, sparsity_map
 from ..engine.residency import LayerResidency
-from ..engine.targets import find_decoder_layers, find_targets
-from ..engine.variants import model_targets
+from ..engine.targets import find_decoder_layers, model_targets
 from ..errors import ConfigError
 from ..masks import parse_pattern
 from ..registry import lookup
@@ -77,14 +76,11 @@ def _module_target(value: float | str) -> LayerTarget:
 
 def _check_patterns(model, config: PruneConfig, target_of) -> None:
     """Every N:M pattern against the input width of the targets it applies to, before any work."""
-    layers_name, layers = find_decoder_layers(model)
     bad = []
-    for i, layer in enumerate(layers):
-        found = find_targets(layer, f"{layers_name}.{i}", config.targets, config.ignore)
-        for t in found.targets + [t for g in found.groups for t in g.targets]:
-            nm = target_of(t.name).nm
-            if nm is not None and t.shape[1] % nm[1]:
-                bad.append(f"{t.name} (input width {t.shape[1]})")
+    for t in model_targets(model, config.targets, config.ignore).values():
+        nm = target_of(t.name).nm
+        if nm is not None and t.shape[1] % nm[1]:
+            bad.append(f"{t.name} (input width {t.shape[1]})")
     if bad:
         raise ConfigError(
             f"pattern {config.pattern} needs input widths that are multiples of its M, but {len(bad)} target(s) "
@@ -134,15 +130,14 @@ def prune_model(
     search = searched_layers = None
     if getattr(allocator, "whole_model", False):  # the search: variants of every target, scored on the whole model
         target_of = sparsity_map(uniform, None, per_module)
-        fixed = frozenset(n for n in model_targets(model, config.targets, config.ignore) if target_of(n) is not uniform
-                          ) if per_module else frozenset()
+        sizes = {n: math.prod(t.shape) for n, t in model_targets(model, config.targets, config.ignore).items()}
+        fixed = frozenset(n for n in sizes if target_of(n) is not uniform) if per_module else frozenset()
         variant_pruner = (lookup("method", config.search_method).from_config(config) if config.search_method
                           else pruner)  # e.g. SparseGPT's variants to choose an ALPS allocation
         base = PrunePlan(variant_pruner, target_of, refiner=refiner, nm=uniform.nm, reconstructor=reconstructor)
         found, search = search_allocation(model, tokenizer, config, calibration, ids, calib, run, base, fixed,
                                           progress)
         per_module = {**per_module, **{f"^{re.escape(n)}$": t for n, t in found.items()}}
-        sizes = {n: math.prod(t.shape) for n, t in model_targets(model, config.targets, config.ignore).items()}
         searched_layers = per_layer_mean({n: sparsity_map(uniform, None, per_module)(n) for n in sizes}, sizes,
                                          len(layers))
         seconds["search"] = time.perf_counter() - t1

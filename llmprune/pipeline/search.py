@@ -25,8 +25,8 @@ from ..calibration import calibration_tokens
 from ..engine.capture import whole_model_on
 from ..engine.passes import SequentialRun
 from ..engine.plan import PrunePlan, layer_index
-from ..engine.variants import (KLFitness, VariantDatabase, build_variants, fingerprint, missing, model_targets,
-                               write_json_atomic)
+from ..engine.targets import model_targets
+from ..engine.variants import KLFitness, VariantDatabase, build_variants, fingerprint, missing, write_json_atomic
 from ..errors import ConfigError
 from ..loading.models import cache_dir
 from ..registry import table
@@ -107,7 +107,8 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
     n_win = opts.search_windows or math.ceil(max(opts.search_tokens) / seqlen)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0
     _check_memory(n_win, seqlen, vocab, opts.search_topk)  # before any work
-    targets = {n: t for n, t in model_targets(model, config.targets, config.ignore).items() if n not in fixed}
+    all_targets = model_targets(model, config.targets, config.ignore)
+    targets = {n: t for n, t in all_targets.items() if n not in fixed}
     if not targets:
         raise ConfigError("allocation 'search' has nothing to allocate: module_sparsity fixes every target; drop "
                           "--allocation search or some module_sparsity rules")
@@ -143,7 +144,7 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
         db_run = SequentialRun(model, calib_ids, device=run.device, batch_size=config.batch_size,
                                targets=config.targets, ignore=config.ignore, progress=progress,
                                sequential=config.sequential, execution=config.execution)
-        built = build_variants(db_run, plan, db, levels, _dtype(model))
+        built = build_variants(db_run, plan, db, levels, next(model.parameters()).dtype)
     t_db = time.perf_counter()
 
     fit_ids = fitness_windows(config, model, tokenizer, calibration, calib_ids, n_win)
@@ -166,8 +167,7 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
 
     with whole_model_on(model, run.device) as on:
         # every target, the fixed ones too: dense while the search runs, and dense again after it
-        fitness = KLFitness(model, fit_ids, db, model_targets(model, config.targets, config.ignore), on,
-                            opts.search_topk)
+        fitness = KLFitness(model, fit_ids, db, all_targets, on, opts.search_topk)
         try:
             owl_levels = _owl_levels(space, owl, names, config)
             state = evolve(space, lambda c, w, t: fitness(variants(c), w, t), opts, fit_ids.shape[0], seqlen,
@@ -198,10 +198,6 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
     log.info("search: %s allocation, KL %s (database %.0f s, search %.0f s)", chosen_name,
              {k: round(v, 5) for k, v in scored.items()}, t_db - t0, t_search - t_db)
     return result, summary
-
-
-def _dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
 
 
 def _owl_levels(space: LevelSpace, owl: OWL, names: list[str], config: PruneConfig) -> list[int]:

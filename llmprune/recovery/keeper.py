@@ -49,7 +49,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..engine.plan import zero_pattern
-from ..engine.targets import find_decoder_layers, find_targets, tuner_layers, unwrap_model
+from ..engine.targets import model_targets, tuner_layers, unwrap_model
 from .masks import PackedMask, clean_name, pack_keep, unpack_pruned
 from .merge import MergeReport, merge_adapters
 
@@ -100,23 +100,20 @@ class SparsityKeeper(TrainerCallback):
         free. ``model`` may be wrapped (DDP, accelerate, ``torch.compile``, PEFT); adapter weights are never
         masked. Raises ``ValueError`` when no target weight has a zero (the model was not pruned)."""
         inner = unwrap_model(model)
-        layers_name, layers = find_decoder_layers(inner)
         adapters = _adapter_params(inner)
         masks: list[PackedMask] = []
         seen: set[int] = set()
         n_dense = 0
-        for i, layer in enumerate(layers):
-            found = find_targets(layer, f"{layers_name}.{i}", targets, ignore)
-            for t in found.targets + [t for g in found.groups for t in g.targets]:
-                p = getattr(t.module, t.param)
-                if id(p) in seen or id(p) in adapters:
-                    continue
-                seen.add(id(p))
-                kept = int(torch.count_nonzero(p.detach()))
-                if kept == p.numel():
-                    n_dense += 1
-                    continue
-                masks.append(PackedMask(clean_name(re.sub(r"\[\d+\]$", "", t.name)), p, pack_keep(p), kept))
+        for t in model_targets(inner, targets, ignore).values():
+            p = getattr(t.module, t.param)
+            if id(p) in seen or id(p) in adapters:
+                continue
+            seen.add(id(p))
+            kept = int(torch.count_nonzero(p.detach()))
+            if kept == p.numel():
+                n_dense += 1
+                continue
+            masks.append(PackedMask(clean_name(re.sub(r"\[\d+\]$", "", t.name)), p, pack_keep(p), kept))
         if not masks:
             raise ValueError(
                 f"{type(inner).__name__} has no exact zeros in its {n_dense} target weights: nothing to keep. Prune "
@@ -133,13 +130,8 @@ class SparsityKeeper(TrainerCallback):
         zeros and checked against the report's per-module mask hash. Raises :class:`SparsityError` when a
         module's zeros differ from what the run recorded (the model was changed or is another copy)."""
         inner = unwrap_model(model)
-        layers_name, layers = find_decoder_layers(inner)
         cfg = getattr(report, "config", {}) or {}
-        by_name = {}
-        for i, layer in enumerate(layers):
-            found = find_targets(layer, f"{layers_name}.{i}", cfg.get("targets"), cfg.get("ignore"))
-            for t in found.targets + [t for g in found.groups for t in g.targets]:
-                by_name[clean_name(t.name)] = t
+        by_name = {clean_name(n): t for n, t in model_targets(inner, cfg.get("targets"), cfg.get("ignore")).items()}
         masks: dict[int, PackedMask] = {}
         bad = []
         for mod in report.modules:
