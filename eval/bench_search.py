@@ -110,7 +110,7 @@ def write(out: Path, state: dict, args: argparse.Namespace) -> None:
     by: dict[tuple[str, str], list[dict]] = {}
     for r in state["results"]:
         by.setdefault((r["config"], r.get("search_flags", "")), []).append(r)
-    flags = sorted({k[1] for k in by if k[1]})
+    flags = list(dict.fromkeys(r.get("search_flags", "") for r in state["results"] if r.get("search_flags")))  # A, B, ... in order of first run
     lines = [
         "# Search allocation (EvoPress) against uniform and OWL",
         "",

@@ -14,8 +14,8 @@ import torch
 import llmprune
 from llmprune.engine.variants import KLFitness, VariantDatabase
 from llmprune.errors import ConfigError
-from llmprune.steps.evopress import (LevelSpace, SearchOptions, SearchState, evolve, level_space, mutate,
-                                     project)
+from llmprune.steps.evopress import SearchOptions, SearchState, evolve
+from llmprune.steps.levels import LevelSpace, layer_space, level_space, mutate, project
 
 from conftest import VOCAB, make_tiny_model
 
@@ -24,8 +24,14 @@ SIZES = [331776, 110592, 110592, 331776, 884736, 884736, 884736] * 3
 NAMES = [f"model.layers.{i}.{n}" for i in range(3) for n in ("q", "k", "v", "o", "gate", "up", "down")]
 
 
+LAYERS = [(f"layer {i}", list(zip(NAMES[7 * i:7 * i + 7], SIZES[7 * i:7 * i + 7]))) for i in range(3)]
+
+
 def exact_budget(space: LevelSpace, levels) -> Fraction:
-    """Pruned weights of a candidate, exactly."""
+    """Pruned weights of a candidate, exactly (from its modules' targets)."""
+    if space.members is not None:  # layer units: every module of a unit at the unit's level
+        return sum((j * n * space.rate if space.rate is not None else Fraction(j * n, space.nm_m))
+                   for u, j in enumerate(levels) for _, n in space.units(u))
     return sum((j * space.delta if space.delta is not None else Fraction(j * n, space.nm_m))
                for j, n in zip(levels, space.sizes))
 
@@ -64,6 +70,37 @@ def test_every_mutation_keeps_the_budget_exactly_and_the_bounds(nm):
         for m, j in enumerate(levels):
             t = space.target(m, j)
             assert t.nm[1] == nm[1] and 1 <= t.nm[0] < nm[1] and t.sparsity == 1 - t.nm[0] / nm[1]
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.65])
+@pytest.mark.parametrize("nm", [None, (4, 8)])
+def test_layer_units_move_every_module_of_a_layer_alike_and_keep_the_budget(sparsity, nm):
+    space = layer_space(LAYERS, sparsity, 4, 0.025, nm=nm)
+    assert len(space.names) == 3 and space.members is not None
+    budget = exact_budget(space, space.start)
+    want = Fraction(sparsity).limit_denominator(10_000) if nm is None else Fraction(nm[1] - nm[0], nm[1])
+    assert budget == want * sum(SIZES)
+    if nm is None:
+        assert space.rate == Fraction(1, 40)  # 1/step, a multiple of the target's denominator
+    rng = random.Random(0)
+    levels = space.start
+    for _ in range(200):
+        levels = mutate(levels, space, rng)
+        assert exact_budget(space, levels) == budget
+        assigned = space.assign(levels)
+        assert set(assigned) == set(NAMES)
+        for u, (_, members) in enumerate(LAYERS):  # one sparsity for every module of a layer
+            assert {assigned[n][1] for n, _ in members} == {space.target(u, levels[u])}
+    assert levels != space.start
+    # every variant a candidate can use is in the catalog (what the database is built with)
+    catalog = space.catalog()
+    assert all(v in catalog[n] for n, v in space.assign(levels).items())
+
+
+def test_variant_names_are_shared_between_granularities_where_counts_agree():
+    mod = level_space(NAMES, SIZES, 0.7, 8, 0.0125)
+    lay = layer_space(LAYERS, 0.7, 4, 0.025)
+    assert mod.assign(mod.start) == lay.assign(lay.start)  # the uniform variants are the same files
 
 
 def test_projection_meets_the_budget_and_follows_the_wanted_direction():
@@ -181,6 +218,22 @@ def test_search_stage_beats_or_equals_uniform_and_owl_and_reuses_its_database(tm
     assert rep2.search["fitness_kl"] == kl
     for (n, p), (_, p2) in zip(model.named_parameters(), model2.named_parameters()):
         assert torch.equal(p, p2), n
+
+
+def test_layer_granularity_searches_one_sparsity_per_layer_and_never_loses_to_uniform_or_owl(tmp_path):
+    model, rep = _prune(tmp_path, search_generations=3, search_granularity="layer", search_step=0.1)
+    s = rep.search
+    assert s["granularity"] == "layer" and s["step_sparsity"] == pytest.approx(0.1)
+    assert sorted(s["levels"]) == [f"layer {i}" for i in range(len(rep.layers))]
+    assert s["fitness_kl"][s["chosen"]] <= min(s["fitness_kl"]["uniform"], s["fitness_kl"]["owl"])
+    for layer in rep.layers:  # one target for every module of a layer
+        assert len({m.target_sparsity for m in layer.modules}) == 1
+    mods = [m for layer in rep.layers for m in layer.modules]
+    mean = sum(m.target_sparsity * m.shape[0] * m.shape[1] for m in mods) / sum(m.shape[0] * m.shape[1] for m in mods)
+    assert mean == pytest.approx(0.6, abs=1e-9)
+    # module and layer searches share one database: the uniform variants are not built again
+    _, again = _prune(tmp_path, search_generations=1, search_granularity="module")
+    assert again.search["variants_built"] < s["variants_built"]
 
 
 def test_search_stage_resumes_and_continues_with_more_generations(tmp_path):

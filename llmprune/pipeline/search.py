@@ -31,7 +31,8 @@ from ..errors import ConfigError
 from ..loading.models import cache_dir
 from ..registry import table
 from ..steps import LayerTarget
-from ..steps.evopress import LevelSpace, SearchOptions, SearchState, evolve, level_space, project
+from ..steps.evopress import SearchOptions, SearchState, evolve
+from ..steps.levels import LevelSpace, layer_space, level_space, project
 from ..steps.owl import OWL
 
 if TYPE_CHECKING:
@@ -120,11 +121,19 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
            "method": _method_key(config), "nm": config.nm is not None and list(config.nm)}
     folder = opts.search_dir or str(cache_dir() / "search" / fingerprint(key))
     db = VariantDatabase(folder, key)
-    space = level_space(names, sizes, config.target_sparsity, opts.search_levels, opts.search_step, config.nm,
-                        divisor=db.divisor)
-    db.set_divisor(space.divisor)
-    levels = {n: [(space.key(m, j), space.target(m, j)) for j in range(space.lo[m], space.hi[m] + 1)]
-              for m, n in enumerate(names)}
+    if opts.search_granularity == "layer":
+        groups: dict[int, list[tuple[str, int]]] = {}
+        for n, size in zip(names, sizes):
+            groups.setdefault(layer_index(n), []).append((n, size))
+        space = layer_space([(f"layer {i}", ms) for i, ms in sorted(groups.items())], config.target_sparsity,
+                            opts.search_levels, opts.search_step, config.nm)
+        unit_layers = sorted(groups)
+    else:
+        space = level_space(names, sizes, config.target_sparsity, opts.search_levels, opts.search_step, config.nm,
+                            divisor=db.divisor)
+        db.set_divisor(space.divisor)
+        unit_layers = [layer_index(n) for n in names]
+    levels = space.catalog()
     owl_path = db.folder / OWL_FILE
     owl_key = {"owl_m": config.owl_m}
     owl_saved = json.loads(owl_path.read_text()) if owl_path.exists() else None
@@ -160,7 +169,7 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
                  state_path)
 
     def variants(levels_: list[int]) -> dict[str, str]:
-        return {n: space.key(m, j) for m, n in enumerate(names) for j in (levels_[m],)}
+        return {n: key for n, (key, _) in space.assign(levels_).items()}
 
     def save(s: SearchState) -> None:
         write_json_atomic(state_path, {"key": run_key, "state": s.to_dict()})
@@ -169,7 +178,7 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
         # every target, the fixed ones too: dense while the search runs, and dense again after it
         fitness = KLFitness(model, fit_ids, db, all_targets, on, opts.search_topk)
         try:
-            owl_levels = _owl_levels(space, owl, names, config)
+            owl_levels = _owl_levels(space, owl, unit_layers, config)
             state = evolve(space, lambda c, w, t: fitness(variants(c), w, t), opts, fit_ids.shape[0], seqlen,
                            state=state, on_generation=save, progress=progress,
                            start=owl_levels if opts.search_start == "owl" else None)
@@ -186,12 +195,14 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
         log.warning("search: the %s allocation scores better than the search's result on every fitness token "
                     "(KL %.4g vs %.4g); it is used. More generations or fitness tokens may help.", chosen_name,
                     scored[chosen_name], scored["search"])
-    result = {n: space.target(m, chosen[m]) for m, n in enumerate(names)}
+    result = {n: t for n, (_, t) in space.assign(chosen).items()}
     summary = {
         "chosen": chosen_name, "fitness_kl": scored, "generations": state.generation,
         "history": state.history, "database": str(db.folder), "variants_built": built,
-        "levels": {n: chosen[m] - space.start[m] for m, n in enumerate(names)},
+        "levels": {n: chosen[u] - space.start[u] for u, n in enumerate(space.names)},
+        "granularity": opts.search_granularity,
         "step_weights": None if space.delta is None else float(space.delta),
+        "step_sparsity": None if space.rate is None else float(space.rate),
         "fitness_windows": int(fit_ids.shape[0]), "evaluations": fitness.evaluations,
         "seconds": {"database": t_db - t0, "search": t_search - t_db, "final": time.perf_counter() - t_search},
     }
@@ -200,10 +211,10 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
     return result, summary
 
 
-def _owl_levels(space: LevelSpace, owl: OWL, names: list[str], config: PruneConfig) -> list[int]:
-    """OWL's per-layer allocation on the grid: each module its layer's sparsity, projected with the budget."""
+def _owl_levels(space: LevelSpace, owl: OWL, unit_layers: list[int], config: PruneConfig) -> list[int]:
+    """OWL's per-layer allocation on the grid: each unit its layer's sparsity, projected with the budget."""
     per_layer = owl.allocate(config.target_sparsity, config.nm)
-    return project(space, [per_layer[layer_index(n)].sparsity for n in names])
+    return project(space, [per_layer[i].sparsity for i in unit_layers])
 
 
 def per_layer_mean(targets: dict[str, LayerTarget], sizes: dict[str, int], n_layers: int) -> list[tuple[float, str]]:

@@ -30,6 +30,11 @@ Deviations from the reference:
   ``0.5·min(S, 1 − S)/L·hidden²`` is about ``0.0125`` of the mean Llama target at ``S = 0.7``, ``L = 8``).
 - Unequal steps (N:M modules of different sizes) move in the smallest integer ratio ``p:q`` up to
   ``MAX_RATIO``; the reference has only unstructured (equal) steps.
+- ``search_granularity: layer`` (not in the reference) gives every target of a decoder layer one level, a
+  fraction ``1/D`` of its weights, as OWL allocates. With equal-count steps a level is ``Δ/n_m`` of a module,
+  so under grouped-query attention (``k_proj`` 8× smaller than an MLP projection) one level moves ``k_proj``
+  by 10 % and ``down_proj`` by 1.25 %; per layer, every module moves alike and the space has one dimension
+  per layer instead of seven, which few generations can explore.
 - The search state (parent, its fitness, generation, the random generator) is plain data, saved after
   every generation, so a killed search resumes where it stopped and ends where an uninterrupted one ends.
 """
@@ -40,7 +45,6 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -48,9 +52,7 @@ from pydantic import Field, field_validator, model_validator
 from ..registry import register_allocator, table
 from ..settings import Settings, split_list
 from .base import Allocator, LayerTarget, ObservedModule
-
-MAX_RATIO = 4  # a move between modules of unequal steps changes at most this many levels of one of them
-MUTATION_TRIES = 1000  # random picks before a parent is declared unable to move
+from .levels import LevelSpace, mutate
 
 
 class SearchOptions(Settings):
@@ -92,6 +94,12 @@ class SearchOptions(Settings):
         None, description="search: the pruner whose variants fill the database (default: --method), e.g. sparsegpt "
         "for a database many times faster than ALPS's; the chosen allocation is then pruned with --method.",
     )
+    search_granularity: Literal["module", "layer"] = Field(
+        "module", description="search: what one level belongs to: 'module' (each linear target its own level, the "
+        "paper's) or 'layer' (every target of a decoder layer at one sparsity, as OWL allocates; a level is "
+        "search_step of the layer's weights, so a small module moves as far as a large one, and the space has "
+        "one dimension per layer).",
+    )
     search_start: Literal["uniform", "owl"] = Field(
         "uniform", description="search: the first parent: 'uniform' (the paper's), or OWL's allocation on the grid "
         "(a warm start when generations are few).",
@@ -111,125 +119,6 @@ class SearchOptions(Settings):
         if min(t) < 1:
             raise ValueError(f"search_tokens {t} must be positive token counts")
         return self
-
-
-@dataclass
-class LevelSpace:
-    """The levels of every module: ``weights[m]`` pruned weights per level, ``lo[m] <= j <= hi[m]``,
-    and the uniform ``start``."""
-
-    names: list[str]
-    sizes: list[int]  # n_m
-    weights: list[float]  # w_m
-    lo: list[int]
-    hi: list[int]
-    start: list[int]
-    nm_m: int | None = None  # M of N:M levels; None: unstructured
-    delta: Fraction | None = None  # Δ, exactly (unstructured)
-
-    @property
-    def divisor(self) -> int | None:
-        """``D`` of ``Δ = gcd(n_m)/D`` (unstructured)."""
-        if self.delta is None:
-            return None
-        g = 0
-        for n in self.sizes:
-            g = math.gcd(g, n)
-        return int(Fraction(g) / self.delta)
-
-    def budget(self, levels: Sequence[int]) -> float:
-        """Pruned weights of a candidate: ``Σ_m j_m·w_m``."""
-        return math.fsum(j * w for j, w in zip(levels, self.weights))
-
-    def target(self, m: int, j: int) -> LayerTarget:
-        """What level ``j`` of module ``m`` is pruned to."""
-        if self.nm_m is not None:
-            return LayerTarget(j / self.nm_m, (self.nm_m - j, self.nm_m))
-        return LayerTarget(float(j * self.delta / self.sizes[m]), None)
-
-    def key(self, m: int, j: int) -> str:
-        """The variant's name in the database: its pruned count, independent of the budget searched."""
-        if self.nm_m is not None:
-            return f"{self.nm_m - j}of{self.nm_m}"
-        count = j * self.delta  # pruned weights, exactly: the same name from any grid that holds it
-        return f"p{count.numerator}" if count.denominator == 1 else f"p{count.numerator}_{count.denominator}"
-
-    def needed(self) -> dict[str, list[int]]:
-        return {n: list(range(a, b + 1)) for n, a, b in zip(self.names, self.lo, self.hi)}
-
-
-def level_space(names: Sequence[str], sizes: Sequence[int], sparsity: float, levels: int, step: float,
-                nm: tuple[int, int] | None = None, divisor: int | None = None) -> LevelSpace:
-    """The grid around the uniform ``sparsity`` (or ``N:M``): ``levels`` either side of each module's
-    uniform level, clipped to what the module can take (at least one weight kept, none pruned below 0).
-
-    Unstructured: one ``Δ`` for all modules, near ``step · mean(n_m)``, such that every module's uniform
-    count ``S·n_m`` is a whole number of levels: ``Δ = gcd(n_m)/D`` with ``D`` a multiple of ``S``'s
-    denominator (``S`` with at most four decimals). Databases keep ``D`` so that searches at other
-    budgets land on the same grid where they can."""
-    if nm is not None:
-        N, M = nm
-        j0 = M - N
-        return LevelSpace(list(names), list(sizes), [n / M for n in sizes], [max(j0 - levels, 1)] * len(names),
-                          [min(j0 + levels, M - 1)] * len(names), [j0] * len(names), M)
-    a, b = _fraction(sparsity)  # S = a/b in lowest terms
-    if a <= 0:
-        raise ValueError(f"search needs a positive sparsity, got {sparsity}")
-    g = 0
-    for n in sizes:
-        g = math.gcd(g, n)
-    # Δ = g/D: every uniform count S·n_m = a·(n_m/g)·D/b levels is whole when b divides D. D is the multiple
-    # of b nearest to g/(step·mean n), or ``divisor`` (an existing database's) when b divides it.
-    want = step * sum(sizes) / len(sizes)
-    D = divisor if divisor is not None and divisor % b == 0 else b * max(1, round(g / (want * b)))
-    delta = Fraction(g, D)
-    start = [int(Fraction(a * n, b) / delta) for n in sizes]
-    lo = [max(s - levels, 0) for s in start]
-    hi = [min(s + levels, math.floor((n - 1) / delta)) for s, n in zip(start, sizes)]
-    return LevelSpace(list(names), list(sizes), [float(delta)] * len(names), lo, hi, start, None, delta)
-
-
-def _fraction(x: float) -> tuple[int, int]:
-    """``x`` as ``a/b`` with a small ``b`` (sparsities are given with few decimals)."""
-    f = Fraction(x).limit_denominator(10_000)
-    if abs(float(f) - x) > 1e-12:
-        raise ValueError(f"search needs a sparsity with at most four decimals, got {x}")
-    return f.numerator, f.denominator
-
-
-def mutate(parent: Sequence[int], space: LevelSpace, rng: random.Random) -> list[int]:
-    """One offspring: one to three budget-keeping moves (module ``a`` down ``p`` levels, ``b`` up ``q``,
-    ``p·w_a = q·w_b``). Raises ``ValueError`` when no move is possible (every module at a bound)."""
-    child = list(parent)
-    flips = min(rng.randint(1, 3), rng.randint(1, 3))  # biased towards fewer moves, as the reference
-    n = len(child)
-    for _ in range(flips):
-        for _try in range(MUTATION_TRIES):
-            a, b = rng.randrange(n), rng.randrange(n)
-            if a == b:
-                continue
-            p, q = _ratio(space.weights[a], space.weights[b])
-            if p > MAX_RATIO or q > MAX_RATIO:
-                continue
-            if child[a] - p < space.lo[a] or child[b] + q > space.hi[b]:
-                continue
-            child[a] -= p
-            child[b] += q
-            break
-        else:
-            raise ValueError("no budget-keeping move is left: every module is at the edge of its levels; build more "
-                             "levels (search_levels) or a finer step (search_step)")
-    return child
-
-
-def _ratio(wa: float, wb: float) -> tuple[int, int]:
-    """Smallest whole ``(p, q)`` with ``p·wa = q·wb``."""
-    if wa == wb:
-        return 1, 1
-    f = Fraction(wb / wa).limit_denominator(MAX_RATIO * 4)
-    if abs(float(f) * wa - wb) > 1e-9 * max(wa, wb):
-        return MAX_RATIO + 1, MAX_RATIO + 1  # no small ratio: these two never trade
-    return f.numerator, f.denominator
 
 
 @dataclass
@@ -315,29 +204,6 @@ def evolve(space: LevelSpace, fitness: Fitness, options: SearchOptions, n_window
             on_generation(state)
     bar.close()
     return state
-
-
-def project(space: LevelSpace, sparsities: Sequence[float]) -> list[int]:
-    """The grid candidate nearest to per-module ``sparsities`` (e.g. OWL's, each module its layer's) with
-    the uniform budget exactly: each module's level rounded and clipped, then budget-keeping single moves
-    towards the wanted sparsities until the budget is met."""
-    want = [s * n / w for s, n, w in zip(sparsities, space.sizes, space.weights)]  # continuous levels
-    levels = [min(max(round(x), a), b) for x, a, b in zip(want, space.lo, space.hi)]
-    budget = space.budget(space.start)
-    for _ in range(100_000):
-        gap = space.budget(levels) - budget  # > 0: too many pruned weights
-        if abs(gap) <= 1e-6 * max(budget, 1.0):
-            return levels
-        sign = 1 if gap > 0 else -1
-        # lower (or raise) the module furthest above (below) its wanted level whose step fits in the gap
-        cand = [m for m in range(len(levels))
-                if space.weights[m] <= abs(gap) * (1 + 1e-9) and space.lo[m] <= levels[m] - sign <= space.hi[m]]
-        if not cand:
-            break
-        m = max(cand, key=lambda k: sign * (levels[k] - want[k]))
-        levels[m] -= sign
-    # the greedy pass could not land exactly (unequal N:M steps): the uniform start is always exact
-    return list(space.start)
 
 
 @register_allocator
