@@ -19,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..evaluation.results import load_all
 from ..report import EVAL_FILE
+from ..runtime.files import write_text_atomic
 from .folder import REPORT_FILE
 from .format import LAYOUT_KEY, read_config
 
@@ -247,9 +248,7 @@ def write_card(folder: str | Path, *, license: str | None = None, repo_id: str |
     folder = Path(folder).expanduser()
     card = build_card(folder, license=license, repo_id=repo_id)
     path = folder / CARD_FILE
-    tmp = path.with_name(f".{CARD_FILE}.tmp")
-    tmp.write_text(str(card), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, str(card))
     log.info("wrote model card %s", path)
     return path
 

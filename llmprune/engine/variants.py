@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ConfigError
+from ..runtime.files import save_tensors_atomic, write_json_atomic
 from ..steps import LayerTarget
 from .capture import inference_state
 from .plan import PrunePlan
@@ -49,20 +49,6 @@ DENSE = "dense"
 def _safe(name: str) -> str:
     """A module name as a folder name (expert indices ``[5]`` become ``_5_``)."""
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-
-
-def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 class VariantDatabase:
@@ -87,13 +73,13 @@ class VariantDatabase:
             self.divisor = have.get("divisor")
         else:
             self.divisor = None
-            write_json_atomic(manifest, {"key": self.key, "divisor": None})
+            write_json_atomic(manifest, {"key": self.key, "divisor": None}, sort_keys=True)
 
     def set_divisor(self, divisor: int | None) -> None:
         """Record the unstructured grid's ``D`` (``Δ = gcd/D``), so later searches use the same grid."""
         if self.divisor is None and divisor is not None:
             self.divisor = divisor
-            write_json_atomic(self.folder / MANIFEST, {"key": self.key, "divisor": divisor})
+            write_json_atomic(self.folder / MANIFEST, {"key": self.key, "divisor": divisor}, sort_keys=True)
 
     def path(self, name: str, level: str) -> Path:
         return self.folder / "variants" / _safe(name) / f"{level}.safetensors"
@@ -106,7 +92,7 @@ class VariantDatabase:
         M = (W != 0).cpu()  # [out, in]
         bits = torch.from_numpy(np.packbits(M.numpy().reshape(-1)))  # [ceil(out·in/8)] uint8
         values = W.cpu()[M].to(dtype).contiguous()  # [kept]
-        _write_atomic(self.path(name, level), {"mask": bits, "values": values},
+        save_tensors_atomic(self.path(name, level), {"mask": bits, "values": values},
                       {"shape": json.dumps(list(W.shape))})
 
     def read(self, name: str, level: str) -> torch.Tensor:

@@ -36,7 +36,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 from ..activation.apply import installed
 from ..calibration import file_sha256, read_records, resolve_data_dir
 from ..loading.models import cache_dir
+from ..runtime.files import torch_save_atomic
 from ..runtime.hub import hub_unreachable, offline_mode
 
 log = logging.getLogger(__name__)
@@ -207,10 +207,7 @@ def tokenize_once(tokenizer, text: str) -> torch.Tensor:
         finally:
             hf_logging.set_verbosity(verbosity)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(ids, tmp)
-            tmp.replace(path)
+            torch_save_atomic(path, ids)
         except OSError as e:
             log.debug("token cache not written (%s)", e)
     _TOKEN_CACHE[key] = ids

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..calibration import portable_settings
 from ..report import library_versions
+from ..runtime.files import replace_atomic, write_json_atomic
 from ..runtime.threads import applied
 
 SCHEMA = "llmprune.eval/1"
@@ -86,12 +87,7 @@ class EvalResults:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically (temporary file, then rename)."""
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        return write_json_atomic(Path(path).expanduser(), self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalResults:
@@ -183,13 +179,8 @@ def _not_comparable(results: list[EvalResults], key: str) -> bool:
 
 def save_all(results: list[EvalResults], path: str | Path) -> Path:
     """Several models' results in one file: ``{"results": [...], "table": "..."}``."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"schema": SCHEMA + "+compare", "results": [r.to_dict() for r in results],
-                               "table": compare_table(results)}, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json_atomic(Path(path).expanduser(), {"schema": SCHEMA + "+compare", "results": [
+        r.to_dict() for r in results], "table": compare_table(results)}, indent=2)
 
 
 def load_all(path: str | Path) -> list[EvalResults]:
@@ -234,10 +225,7 @@ def compare_chart(results: list[EvalResults], path: str | Path) -> Path:
                [f"{i + 1}: {lab}" for i, lab in enumerate(labels)], loc="lower center",
                ncol=1, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 * len(labels) / max(rows, 1), 1, 1))
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return replace_atomic(Path(path).expanduser(), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)

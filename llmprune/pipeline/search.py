@@ -26,10 +26,11 @@ from ..engine.capture import whole_model_on
 from ..engine.passes import SequentialRun
 from ..engine.plan import PrunePlan, layer_index
 from ..engine.targets import model_targets
-from ..engine.variants import KLFitness, VariantDatabase, build_variants, fingerprint, missing, write_json_atomic
+from ..engine.variants import KLFitness, VariantDatabase, build_variants, fingerprint, missing
 from ..errors import ConfigError
 from ..loading.models import cache_dir
 from ..registry import table
+from ..runtime.files import write_json_atomic
 from ..steps import LayerTarget
 from ..steps.evopress import SearchOptions, SearchState, evolve
 from ..steps.levels import LevelSpace, layer_space, level_space, project
@@ -140,7 +141,7 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
     owl = OWL(config.owl_m, config.owl_lambda)
     if owl_saved is None or owl_saved.get("key") != owl_key:  # OWL's ratios are the dense model's
         run.observe(owl.needs, owl.observe)
-        write_json_atomic(owl_path, {"key": owl_key, "ratios": owl.ratios, "sizes": owl.sizes})
+        write_json_atomic(owl_path, {"key": owl_key, "ratios": owl.ratios, "sizes": owl.sizes}, sort_keys=True)
     else:
         owl.ratios = {int(k): v for k, v in owl_saved["ratios"].items()}
         owl.sizes = {int(k): v for k, v in owl_saved["sizes"].items()}
@@ -172,7 +173,7 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
         return {n: key for n, (key, _) in space.assign(levels_).items()}
 
     def save(s: SearchState) -> None:
-        write_json_atomic(state_path, {"key": run_key, "state": s.to_dict()})
+        write_json_atomic(state_path, {"key": run_key, "state": s.to_dict()}, sort_keys=True)
 
     with whole_model_on(model, run.device) as on:
         # every target, the fixed ones too: dense while the search runs, and dense again after it

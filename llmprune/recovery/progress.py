@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 
 from ..engine.targets import unwrap_model
 from ..errors import ConfigError
+from ..runtime.files import torch_save_atomic, write_text_atomic
 from .options import NOT_HASHED, RecoverConfig
 
 __all__ = ["PROGRESS_FILE", "describe_progress", "load_progress", "progress_folder", "run_fingerprint",
@@ -63,13 +63,9 @@ def save_progress(folder: Path, step: int, model: nn.Module, optimizer: torch.op
     state = {"params": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
              "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    tmp = folder / f".{STATE_FILE}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / STATE_FILE)
-    tmp = folder / f".{PROGRESS_FILE}.tmp"
-    tmp.write_text(json.dumps({"format": FORMAT, "step": step, "fingerprint": fingerprint, "history": history,
-                               "evals": evals}) + "\n")
-    os.replace(tmp, folder / PROGRESS_FILE)  # the commit point
+    torch_save_atomic(folder / STATE_FILE, state)
+    write_text_atomic(folder / PROGRESS_FILE, json.dumps({"format": FORMAT, "step": step, "fingerprint": fingerprint,
+                                                          "history": history, "evals": evals}) + "\n")  # the commit point
 
 
 def load_progress(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

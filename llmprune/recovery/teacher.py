@@ -18,16 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..engine.targets import find_decoder_layers, unwrap_model
+from ..runtime.files import save_tensors_atomic, write_json_atomic
 from .distill import LayerOutputs, TeacherOutput
 
 log = logging.getLogger(__name__)
@@ -93,18 +92,6 @@ def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
     return t if t is None or device is None else t.to(device)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _atomic_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def precompute_teacher(model: nn.Module, batches: Iterable[torch.Tensor], folder: str | Path, top_k: int = 64,
                        layers: Sequence[int] | None = None, dtype: str = "float32", teacher_name: str | None = None,
@@ -155,7 +142,7 @@ def precompute_teacher(model: nn.Module, batches: Iterable[torch.Tensor], folder
                 values, top = logits.float().topk(top_k, dim=-1)  # [B, L, k] each, sorted
                 tensors = {"input_ids": ids.long(), "topk_values": values.to(store), "topk_ids": top.long()}
                 tensors.update({f"hidden.{p}": h.to(store) for p, h in enumerate(hidden)})
-                _atomic_save(tensors, path)
+                save_tensors_atomic(path, tensors)
                 del logits, values, top, hidden
             for r, row in enumerate(ids):
                 index.setdefault(row_key(row), [name, r])
@@ -165,7 +152,7 @@ def precompute_teacher(model: nn.Module, batches: Iterable[torch.Tensor], folder
         if inner is not None:
             inner.remove()
         model.train(was_training)
-    _atomic_json({**settings, "teacher": teacher_name, "index": index}, manifest)
+    write_json_atomic(manifest, {**settings, "teacher": teacher_name, "index": index})
     log.info("offline teacher: %d batches written to %s", len(batches), folder)
     return OfflineTeacher(folder)
 

@@ -34,7 +34,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...errors import ConfigError
+from ...runtime.files import save_tensors_atomic, write_json_atomic
 from ...steps import LowRank
 from ..layer import LayerReport, ModuleReport
 from .distributed import Collective
@@ -118,20 +118,6 @@ def _hidden_file(i: int, rank: int, size: int) -> str:
 def _report_from(d: dict) -> LayerReport:
     mods = [ModuleReport(**{**m, "shape": tuple(m["shape"])}) for m in d.pop("modules")]
     return LayerReport(**d, modules=mods)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -260,11 +246,11 @@ class Progress:
         path = self.folder / f"layer-{i:06d}.safetensors"
         if self.writer and not isinstance(self.inner, ShardStream):  # in memory: the layer (streamed: its shard)
             prefix = f"{run.layers_name}.{i}."
-            _save_tensors({prefix + k: v for k, v in run.layers[i].state_dict().items()}, path)
+            save_tensors_atomic(path, {prefix + k: v for k, v in run.layers[i].state_dict().items()})
             observed = getattr(self.inner, "observed", None)
             if observed is not None:  # read, not changed: the disk offloader hands the pages back
                 observed(i, run.layers[i])
-        _save_tensors({str(c): h for c, h in enumerate(hidden)}, self.folder / _hidden_file(i, self.rank, self.size))
+        save_tensors_atomic(self.folder / _hidden_file(i, self.rank, self.size), {str(c): h for c, h in enumerate(hidden)})
         if self.collective is not None:  # every rank's hidden states on disk before progress.json names them
             self.collective.barrier(f"saving the progress of layer {i}")
         if not self.writer:
@@ -272,7 +258,7 @@ class Progress:
         tensors = {f"perm.{n}": t for n, t in plan.permutations.items()}
         for name, lr in plan.adapters.items():
             tensors[f"A.{name}"], tensors[f"B.{name}"] = lr.A, lr.B
-        _save_tensors(tensors, self.folder / f"plan-{i:06d}.safetensors")
+        save_tensors_atomic(self.folder / f"plan-{i:06d}.safetensors", tensors)
         adapters = {n: {f.name: getattr(lr, f.name) for f in dataclasses.fields(lr) if f.name not in ("A", "B")}
                     for n, lr in plan.adapters.items()}
         progress = {
@@ -281,7 +267,7 @@ class Progress:
             "nm_search": dict(plan.nm_search), "uncompensated": dict(plan.uncompensated), "adapters": adapters,
             "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         }
-        _write_json(self.folder / PROGRESS_FILE, progress)
+        write_json_atomic(self.folder / PROGRESS_FILE, progress)
         stale = [_hidden_file(i - 1, r, self.size) for r in range(self.size)] + [f"plan-{i - 1:06d}.safetensors"]
         for name in stale:
             (self.folder / name).unlink(missing_ok=True)

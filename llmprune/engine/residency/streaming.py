@@ -47,6 +47,7 @@ from ...loading.integrity import check_json, check_shapes
 from ...loading.models import ModelLoadError, resolve_dtype
 from ...loading.shards import (_DTYPES, INDEX_FILE, ShardIndex, StreamingError, _as_loaded, _persistent_state, _set_tensor,
                                _set_tied)
+from ...runtime.files import save_tensors_atomic
 from ...runtime.memory import _libc
 from ..targets import find_decoder_layers
 
@@ -229,7 +230,6 @@ class ShardStream:
         self._drop(layer)
 
     def release(self, index: int, layer: nn.Module) -> None:
-        from safetensors.torch import save_file
 
         if not self.writer:  # rank 0 writes the same pruned layer
             self.observed(index, layer)
@@ -238,9 +238,7 @@ class ShardStream:
             return
         state = {f"{self.prefix}.{index}.{k}": v.detach().contiguous() for k, v in layer.state_dict().items()}
         shard = f"layer-{index:06d}.safetensors"
-        self.folder.mkdir(parents=True, exist_ok=True)
-        save_file(state, self.folder / f"{shard}.tmp", metadata={"format": "pt"})
-        os.replace(self.folder / f"{shard}.tmp", self.folder / shard)  # a killed run leaves no partial shard
+        save_tensors_atomic(self.folder / shard, state)  # a killed run leaves no partial shard
         self.shards[shard] = list(state)
         self.bytes += sum(v.numel() * v.element_size() for v in state.values())
         del state
