@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import json
 import random
+from itertools import combinations
 from fractions import Fraction
 
 import pytest
 import torch
 
 import llmprune
+from llmprune.engine.structured import SkipFitness, _skip_hook
+from llmprune.engine.targets import find_decoder_layers
 from llmprune.engine.variants import KLFitness, VariantDatabase
 from llmprune.errors import ConfigError
+from llmprune.pipeline.prune import prune_model
+from llmprune.structured.depth import kl_from_dense
 from llmprune.steps.evopress import SearchOptions, SearchState, evolve
 from llmprune.steps.levels import LevelSpace, layer_space, level_space, mutate, project
 
@@ -296,3 +301,63 @@ def test_module_sparsity_rules_stay_out_of_the_search(tmp_path):
     assert all(m.target_sparsity == 0.3 for m in downs)
     assert not any(n.endswith("down_proj") for n in rep.search["levels"])
     assert all(abs(m.sparsity - 0.3) < 0.02 for m in downs)
+
+
+# ---- depth: which decoder layers to remove (structured --depth-method search) ---------------------------
+
+DEPTH = dict(remove_layers=2, depth_method="search", nsamples=8, seqlen=16, search_generations=6,
+             search_offspring=8, search_survivors=[2, 1], search_tokens=[128, 128], search_windows=8)
+
+
+def test_depth_search_finds_the_best_layers_by_its_fitness_and_never_loses_to_block_influence(tmp_path):
+    dense = make_tiny_model("llama", num_hidden_layers=6)
+    ids = _calibration()[:8]
+    fitness = SkipFitness(dense, ids, torch.device("cpu"))
+    brute = {c: fitness(list(c), list(range(8)), ids.numel()) for c in combinations(range(6), 2)}
+    # a skipped layer costs nothing and gives what skipping it with kl_choice's forward hook gives
+    hooks = [dense.model.layers[k].register_forward_hook(_skip_hook, with_kwargs=True) for k in (1, 4)]
+    with torch.no_grad():
+        hooked = [kl_from_dense(fitness.dense[i], dense(ids[i:i + 1]).logits[0]) for i in range(8)]
+    for h in hooks:
+        h.remove()
+    assert brute[(1, 4)] == pytest.approx(sum(hooked) / 8, rel=1e-6)
+    assert "forward" not in vars(dense.model.layers[1])  # the layer's own forward is back
+    model = make_tiny_model("llama", num_hidden_layers=6)
+    rep = prune_model(model, None, llmprune.PruneConfig(**DEPTH, search_dir=str(tmp_path)),
+                      calibration=_calibration(), progress=False)
+    d = rep.structure["depth"]["search"]
+    assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
+    gone = tuple(rep.structure["removal"]["layers"])
+    assert len(gone) == 2 and d["fitness_kl"][d["chosen"]] <= d["fitness_kl"]["block-influence"]
+    assert brute[gone] == pytest.approx(min(brute.values()), rel=1e-5)  # the optimum of its own fitness
+    assert brute[tuple(d["start"])] == pytest.approx(d["fitness_kl"]["block-influence"], rel=1e-5)
+    out = model.generate(_calibration()[:1, :8], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12)
+
+
+def test_depth_search_resumes_where_it_stopped(tmp_path):
+    def run(folder, generations):
+        model = make_tiny_model("llama", num_hidden_layers=6)
+        cfg = llmprune.PruneConfig(**{**DEPTH, "search_generations": generations, "search_tokens": [32, 96]},
+                                   search_dir=str(tmp_path / folder))
+        return prune_model(model, None, cfg, calibration=_calibration(), progress=False).structure["depth"]["search"]
+
+    whole = run("a", 5)
+    assert run("b", 2)["generations"] == 2
+    rest = run("b", 5)  # the saved state of the first two generations goes on
+    assert rest["history"] == whole["history"] and rest["fitness_kl"] == whole["fitness_kl"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3", "opt", "gpt2", "mixtral", "gemma3", "qwen2_moe",
+                                  "qwen3_moe"])
+def test_a_skipped_layer_is_the_identity_on_every_architecture(arch):
+    model = make_tiny_model(arch)
+    _, layers = find_decoder_layers(model)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    fitness = SkipFitness(model, ids, torch.device("cpu"))
+    assert fitness([], [0, 1], 24) == pytest.approx(0.0, abs=1e-6)
+    hooks = [layers[1].register_forward_hook(_skip_hook, with_kwargs=True)]
+    with torch.no_grad():
+        hooked = sum(kl_from_dense(fitness.dense[i], model(ids[i:i + 1]).logits[0]) for i in range(2)) / 2
+    hooks[0].remove()
+    assert fitness([1], [0, 1], 24) == pytest.approx(hooked, rel=1e-5) and hooked > 0

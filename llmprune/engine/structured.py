@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -182,6 +182,55 @@ def kl_choice(model: nn.Module, input_ids: torch.Tensor, n_remove: int, device: 
         finally:
             model.to(home)
     return sorted(chosen)
+
+
+class SkipFitness:
+    """``KL(p_dense ‖ p)`` of ``model``'s final logits over windows ``ids [n, L]`` with some decoder layers
+    skipped (the depth search's fitness); the dense log-probabilities are computed once. A skipped layer's
+    ``forward`` is replaced, for the call, by one that hands its input hidden states back in the form the layer
+    returns (a tensor, or a tuple whose other items are None), so it costs nothing and the model's own loop,
+    masks and per-layer attributes stay as they are. The model must be on ``device`` while it is used
+    (:func:`~.capture.whole_model_on`)."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, device: torch.device):
+        self.model, self.ids, self.device = model, ids, device
+        _, self.layers = find_decoder_layers(model)
+        self.evaluations = 0
+        form: list = []  # what a layer returns: a tensor (None) or a tuple of this length
+        hook = self.layers[0].register_forward_hook(
+            lambda m, a, out: form.append(len(out) if isinstance(out, tuple) else None))
+        try:
+            with inference_state(model):
+                self.dense = [torch.log_softmax(model(ids[i:i + 1].to(device)).logits[0].float(), dim=-1).cpu()
+                              for i in range(ids.shape[0])]  # [L, V] each
+        finally:
+            hook.remove()
+        self.form = form[0] if form else None
+
+    def _skip(self, *args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        return x if self.form is None else (x, *([None] * (self.form - 1)))
+
+    def __call__(self, removed: Sequence[int], windows: Sequence[int], tokens: int) -> float:
+        """Mean KL per token over ``windows`` (the last cut so that ``tokens`` tokens count), ``removed`` skipped."""
+        self.evaluations += 1
+        L = self.ids.shape[1]
+        total, count = 0.0, 0
+        for k in removed:
+            self.layers[k].forward = self._skip  # an instance attribute: the class's forward is untouched
+        try:
+            with inference_state(self.model):
+                for k, w in enumerate(windows):
+                    n = min(L, tokens - k * L)
+                    if n <= 0:
+                        break
+                    logits = self.model(self.ids[w:w + 1, :n].to(self.device)).logits[0]  # [n, V]
+                    total += kl_from_dense(self.dense[w][:n], logits.cpu()) * n
+                    count += n
+        finally:
+            for k in removed:
+                del self.layers[k].forward
+        return total / max(count, 1)
 
 
 def expert_saliency(run, parts: list[LayerParts]) -> dict[int, torch.Tensor]:

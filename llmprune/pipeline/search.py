@@ -8,6 +8,9 @@
 4. the search's result, the uniform allocation and OWL's (projected onto the grid) scored on every fitness
    token; the best of the three is the allocation (so the search is never worse than either by its own
    measure), every target back to its dense weight, and the per-module targets handed to the prune pass.
+
+:func:`search_depth` is the same search over which decoder layers to remove (structured ``--depth-method
+search``): each layer kept or removed, a move swaps one of each, the fitness skips the removed layers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,7 +29,8 @@ from ..calibration import calibration_tokens
 from ..engine.capture import whole_model_on
 from ..engine.passes import SequentialRun
 from ..engine.plan import PrunePlan, layer_index
-from ..engine.targets import model_targets
+from ..engine.structured import SkipFitness
+from ..engine.targets import find_decoder_layers, model_targets
 from ..engine.variants import KLFitness, VariantDatabase, build_variants, fingerprint, missing
 from ..errors import ConfigError
 from ..loading.models import cache_dir
@@ -33,7 +38,7 @@ from ..registry import table
 from ..runtime.files import write_json_atomic
 from ..steps import LayerTarget
 from ..steps.evopress import SearchOptions, SearchState, evolve
-from ..steps.levels import LevelSpace, layer_space, level_space, project
+from ..steps.levels import LevelSpace, depth_space, layer_space, level_space, project
 from ..steps.owl import OWL
 
 if TYPE_CHECKING:
@@ -212,6 +217,49 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
     return result, summary
 
 
+def search_depth(model, config: PruneConfig, ids: torch.Tensor, calib: dict, start: list[int], device: torch.device,
+                 progress: bool = True) -> tuple[list[int], dict]:
+    """EvoPress depth pruning: which ``len(start)`` decoder layers to remove, searched from ``start`` (block
+    influence's choice) by swapping a removed layer for a kept one, scored by the KL of the final logits from
+    the dense model's on calibration windows (the paper scores on calibration data). The state is saved after
+    every generation (a rerun resumes). Returns the removed layers (the search's, or ``start`` where it scores
+    lower on every fitness token) and a summary for the report."""
+    t0 = time.perf_counter()
+    opts = SearchOptions(**{k: getattr(config, k) for k in SearchOptions.model_fields})
+    seqlen = ids.shape[1]
+    n_win = min(ids.shape[0], opts.search_windows or math.ceil(max(opts.search_tokens) / seqlen))
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0
+    _check_memory(n_win, seqlen, vocab, None)
+    fit_ids = ids[:n_win]
+    n_layers = len(find_decoder_layers(model)[1])
+    space = depth_space(n_layers, start)
+    key = {"model": _model_key(model), "calibration": {k: calib.get(k) for k in
+                                                      ("source", "data_sha256", "windows_sha256", "seqlen", "seed")},
+           "depth": {"start": sorted(start), "windows": n_win},
+           "options": opts.model_dump(exclude={"search_dir", "search_generations"})}
+    folder = Path(opts.search_dir).expanduser() if opts.search_dir else cache_dir() / "search"
+    state_path = folder / "depth" / f"{fingerprint(key)}.json"
+    state = SearchState.from_dict(json.loads(state_path.read_text())["state"]) if state_path.exists() else None
+
+    def removed(levels: list[int]) -> list[int]:
+        return [i for i, j in enumerate(levels) if j]
+
+    with whole_model_on(model, device) as on:
+        fitness = SkipFitness(model, fit_ids, on)
+        state = evolve(space, lambda c, w, t: fitness(removed(c), w, t), opts, n_win, seqlen, state=state,
+                       on_generation=lambda s: write_json_atomic(state_path, {"key": key, "state": s.to_dict()},
+                                                                 sort_keys=True),
+                       progress=progress)
+        all_w, all_t = list(range(n_win)), fit_ids.numel()
+        scored = {"search": fitness(removed(state.parent), all_w, all_t), "block-influence": fitness(start, all_w, all_t)}
+    chosen_name = "search" if scored["search"] <= scored["block-influence"] else "block-influence"
+    chosen = removed(state.parent) if chosen_name == "search" else sorted(start)
+    log.info("depth search: layers %s (%s), KL %s", chosen, chosen_name, {k: round(v, 5) for k, v in scored.items()})
+    return chosen, {"chosen": chosen_name, "start": sorted(start), "fitness_kl": scored,
+                    "generations": state.generation, "history": state.history, "fitness_windows": n_win,
+                    "evaluations": fitness.evaluations, "seconds": time.perf_counter() - t0}
+
+
 def _owl_levels(space: LevelSpace, owl: OWL, unit_layers: list[int], config: PruneConfig) -> list[int]:
     """OWL's per-layer allocation on the grid: each unit its layer's sparsity, projected with the budget."""
     per_layer = owl.allocate(config.target_sparsity, config.nm)
@@ -230,4 +278,4 @@ def per_layer_mean(targets: dict[str, LayerTarget], sizes: dict[str, int], n_lay
     return [(a / n if n else 0.0, "+".join(sorted(p)) or "unstructured") for (a, n), p in zip(acc, pats)]
 
 
-__all__ = ["per_layer_mean", "search_allocation"]
+__all__ = ["per_layer_mean", "search_allocation", "search_depth"]

@@ -30,6 +30,7 @@ from ..engine.structured import LayerCut, StructuredPlan, block_influence, exper
 from ..engine.targets import find_decoder_layers
 from ..errors import ConfigError
 from ..registry import lookup
+from .search import search_depth
 from ..report import PruneReport
 from ..structured.depth import lowest
 from ..structured.options import count
@@ -186,6 +187,11 @@ def prune_structured(model: nn.Module, tokenizer, config: PruneConfig, calibrati
             scores = block_influence(run, progress)
             chosen = lowest(scores, n_drop)
             depth = {"method": "block-influence", "scores": [round(s, 6) for s in scores]}
+        elif config.depth_method == "search":
+            run = SequentialRun(model, ids, device=device, batch_size=config.batch_size, progress=progress)
+            scores = block_influence(run, progress)
+            chosen, summary = search_depth(model, config, ids, calib, lowest(scores, n_drop), device, progress)
+            depth = {"method": "search", "scores": [round(s, 6) for s in scores], "search": summary}
         else:
             steps: list[list[float]] = []
             chosen = kl_choice(model, ids[:config.depth_windows], n_drop, device, progress,

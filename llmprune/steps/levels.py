@@ -141,6 +141,16 @@ def layer_space(groups: Sequence[tuple[str, Sequence[tuple[str, int]]]], sparsit
                       [min(j0 + levels, D - 1)] * k, [j0] * k, None, None, members, rate)
 
 
+def depth_space(n_layers: int, removed: Sequence[int]) -> LevelSpace:
+    """Depth as levels: level 1 removes a decoder layer, 0 keeps it. Every layer weighs one, so a move swaps a
+    removed layer for a kept one (EvoPress's depth mutation) and the number removed stays exact; ``removed``
+    is the start."""
+    gone = set(removed)
+    n = n_layers
+    return LevelSpace([f"layer {i}" for i in range(n)], [1] * n, [1.0] * n, [0] * n, [1] * n,
+                      [int(i in gone) for i in range(n)])
+
+
 def mutate(parent: Sequence[int], space: LevelSpace, rng: random.Random) -> list[int]:
     """One offspring: one to three budget-keeping moves (module ``a`` down ``p`` levels, ``b`` up ``q``,
     ``p·w_a = q·w_b``). Raises ``ValueError`` when no move is possible (every module at a bound)."""
@@ -199,4 +209,4 @@ def project(space: LevelSpace, sparsities: Sequence[float]) -> list[int]:
     return list(space.start)
 
 
-__all__ = ["LevelSpace", "layer_space", "level_space", "mutate", "project"]
+__all__ = ["LevelSpace", "depth_space", "layer_space", "level_space", "mutate", "project"]

@@ -45,10 +45,12 @@ class StructureOptions(Settings):
         None, gt=0, lt=1, description="Fraction of the decoder layers' parameters to remove; what the "
         "remove_* settings given do not take is taken from MLP channels.",
     )
-    depth_method: Literal["block-influence", "kl"] = Field(
+    depth_method: Literal["block-influence", "kl", "search"] = Field(
         "block-influence", description="How layers are chosen: 'block-influence' (ShortGPT: lowest "
-        "1 - cos(input, output), one pass) or 'kl' (one at a time, the layer whose removal changes the model's "
-        "output distribution least on --depth-windows calibration windows; one model forward per candidate).",
+        "1 - cos(input, output), one pass), 'kl' (one at a time, the layer whose removal changes the model's "
+        "output distribution least on --depth-windows calibration windows; one model forward per candidate) or "
+        "'search' (EvoPress: block influence's choice improved by an evolutionary search that swaps removed and "
+        "kept layers, scored by the KL of the final logits on calibration windows; the --search-* settings).",
     )
     depth_windows: int = Field(
         2, ge=1, description="Calibration windows the 'kl' depth method scores each candidate on.",
