@@ -58,6 +58,9 @@ def main() -> int:
     ap.add_argument("--ppl-windows", type=int, default=16)
     ap.add_argument("--workdir", default="/tmp/llmprune-bench-search")
     ap.add_argument("--results", default=str(HERE / "results" / "search"))
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="torch threads of every prune, fixed (the thread policy would follow the machine's load, "
+                    "and a prune's masks follow its thread count)")
     ap.add_argument("--alone", action="store_true", help="nothing else ran on the machine: times are comparable")
     args = ap.parse_args()
 
@@ -81,7 +84,7 @@ def main() -> int:
             cmd = [sys.executable, "-c", HWM_WRAPPER, "prune", *flags_of(spec, search_flags, folder), "--calib", "c4",
                    "--data-dir", args.data_dir, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                    "--seed", str(seed), "--dtype", "float32", "--device", "cpu", "--output", str(folder),
-                   "--overwrite", "--quiet"]
+                   "--overwrite", "--quiet", "--threads", str(args.threads)]
             meas = run_measured(cmd, {**env, "LLMPRUNE_BENCH_HWM": str(hwm)})
             if meas["rc"] != 0:
                 print(meas["output"], file=sys.stderr)
@@ -92,7 +95,7 @@ def main() -> int:
             row = {"config": spec, "seed": seed, "ppl": ppl, "wall_s": meas["wall_s"],
                    "peak_rss_mb": int(hwm.read_text()) / 1024, "seconds": report["seconds"],
                    "sparsity": report["measured_sparsity"], "date": datetime.date.today().isoformat(),
-                   "timed_alone": args.alone, "search_flags": args.search_flags if is_search else "",
+                   "timed_alone": args.alone, "threads": args.threads, "search_flags": args.search_flags if is_search else "",
                    "search": ({k: v for k, v in report["search"].items() if k != "levels"}
                               if is_search else None)}
             rows[(spec, seed, row["search_flags"])] = row
@@ -123,7 +126,9 @@ def write(out: Path, state: dict, args: argparse.Namespace) -> None:
         f"{args.ppl_windows} windows (dense 20.60). Wall time of the whole `llmprune prune` process, a search run "
         "included its database (built anew in every run), its search and the final prune; ratio = that wall time "
         "over the same method's uniform run, same seed. Fitness: mean KL of the final logits from the dense "
-        "model's on the fitness windows (all of them), as the search measured it with its variants.",
+        "model's on the fitness windows (all of them), as the search measured it with its variants. Torch threads: "
+        "fixed by `--threads` where a row of search.json has `threads`; the others ran under the thread policy "
+        "(fewer threads when the machine was busy as the run started).",
         *[f"- search settings {chr(65 + i)}: `{f}`" for i, f in enumerate(flags)],
         "",
         "| config | settings | seeds | WikiText-2 ppl | spread | wall (s) | × uniform | database / search / prune (s) "

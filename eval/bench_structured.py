@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -47,7 +48,7 @@ DEFAULT_CELLS = {
 def prune_cell(name: str, flags: str, args, out: Path) -> dict:
     cmd = [sys.executable, "-m", "llmprune.cli", "prune", *shlex.split(flags), "--calib", "c4", "--nsamples",
            str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed), "--data-dir", args.data_dir,
-           "--output", str(out), "--overwrite", "--quiet"]
+           "--output", str(out), "--overwrite", "--quiet", "--threads", str(args.threads)]
     r = run_measured(cmd)
     row = {"cell": name, "flags": flags, "wall_s": round(r["wall_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"]),
            "rc": r["rc"], "folder": str(out)}
@@ -119,6 +120,9 @@ def main() -> int:
     ap.add_argument("--speed", nargs="*", help="cells whose saved models are timed against the dense model")
     ap.add_argument("--only-speed", action="store_true", help="time the models of an earlier run, prune nothing")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="torch threads of every prune, fixed (the thread policy would follow the machine's load, "
+                    "and a prune's masks follow its thread count)")
     ap.add_argument("--workdir", default="/tmp/llmprune-structured")
     ap.add_argument("--results", default=str(HERE / "results" / "structured"))
     args = ap.parse_args()
@@ -167,7 +171,8 @@ def _write(args, rows: dict, speed: dict | None) -> None:
              f"- machine: {machine()}; date: {now}",
              f"- protocol: embedded SmolLM2-135M-Instruct, float32; calibration C4 {args.nsamples} x {args.seqlen} "
              f"tokens, seed {args.seed}; perplexity WikiText-2 test, seqlen {args.ppl_seqlen}, first "
-             f"{args.ppl_windows} windows; each prune a separate process (wall = load + calibrate + prune + save)",
+             f"{args.ppl_windows} windows; each prune a separate process (wall = load + calibrate + prune + save)"
+             f"{f', --threads {args.threads}' if getattr(args, 'threads', None) else ''}",
              "", "| cell | removed | decoder params removed | WikiText-2 ppl | prune wall s | x SparseGPT | peak RSS MB |",
              "|---|---|---|---|---|---|---|"]
     for r in rows.values():
