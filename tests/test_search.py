@@ -187,8 +187,8 @@ def test_topk_fitness_with_the_whole_vocabulary_equals_the_full_kl(tmp_path):
 
 # ---- the whole stage on a tiny model -----------------------------------------------------------------
 
-SEARCH = dict(method="sparsegpt", sparsity=0.6, allocation="search", nsamples=8, seqlen=16, search_levels=3,
-              search_step=0.05, search_offspring=6, search_survivors=[2, 1], search_tokens=[32, 64],
+SEARCH = dict(method="sparsegpt", sparsity=0.6, allocation="search", search_granularity="module", nsamples=8,
+              seqlen=16, search_levels=3, search_step=0.05, search_offspring=6, search_survivors=[2, 1], search_tokens=[32, 64],
               search_windows=4)
 
 

@@ -30,8 +30,8 @@ Deviations from the reference:
   ``0.5·min(S, 1 − S)/L·hidden²`` is about ``0.0125`` of the mean Llama target at ``S = 0.7``, ``L = 8``).
 - Unequal steps (N:M modules of different sizes) move in the smallest integer ratio ``p:q`` up to
   ``MAX_RATIO``; the reference has only unstructured (equal) steps.
-- ``search_granularity: layer`` (not in the reference) gives every target of a decoder layer one level, a
-  fraction ``1/D`` of its weights, as OWL allocates. With equal-count steps a level is ``Δ/n_m`` of a module,
+- ``search_granularity: layer`` (not in the reference; the default) gives every target of a decoder layer one
+  level, a fraction ``1/D`` of its weights, as OWL allocates. With equal-count steps a level is ``Δ/n_m`` of a module,
   so under grouped-query attention (``k_proj`` 8× smaller than an MLP projection) one level moves ``k_proj``
   by 10 % and ``down_proj`` by 1.25 %; per layer, every module moves alike and the space has one dimension
   per layer instead of seven, which few generations can explore.
@@ -69,8 +69,9 @@ class SearchOptions(Settings):
         "num_levels); with N:M, N moves by at most this many.",
     )
     search_step: float = Field(
-        0.0125, gt=0, lt=1, description="search (unstructured): weights one level moves, as a fraction of the mean "
-        "target size; the same count for every module, so any two can trade.",
+        0.0125, gt=0, lt=1, description="search (unstructured): what one level moves: with granularity 'layer' a "
+        "fraction of the layer's weights; with 'module' a fraction of the mean target size, the same count for "
+        "every module, so any two can trade.",
     )
     search_generations: int = Field(400, ge=0, description="search: generations of the evolutionary search.")
     search_offspring: int = Field(64, ge=1, description="search: offspring per generation.")
@@ -95,10 +96,10 @@ class SearchOptions(Settings):
         "for a database many times faster than ALPS's; the chosen allocation is then pruned with --method.",
     )
     search_granularity: Literal["module", "layer"] = Field(
-        "module", description="search: what one level belongs to: 'module' (each linear target its own level, the "
-        "paper's) or 'layer' (every target of a decoder layer at one sparsity, as OWL allocates; a level is "
-        "search_step of the layer's weights, so a small module moves as far as a large one, and the space has "
-        "one dimension per layer).",
+        "layer", description="search: what one level belongs to: 'layer' (every target of a decoder layer at one "
+        "sparsity, as OWL allocates; a level is search_step of the layer's weights, so a small module moves as far "
+        "as a large one, and the space has one dimension per layer; SparseGPT 70 %: 193.62 against OWL's 239.79 "
+        "over 3 seeds) or 'module' (each linear target its own level, the paper's; 243.89 in the same budget).",
     )
     search_start: Literal["uniform", "owl"] = Field(
         "uniform", description="search: the first parent: 'uniform' (the paper's), or OWL's allocation on the grid "
