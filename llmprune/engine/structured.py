@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..stats import InputStats
+from ..steps.evopress import window_cuts
 from ..structured.base import WidthMethod
 from ..structured.columns import ColumnGroups, Moments, WidthResult
 from ..structured.depth import BlockInfluence, kl_from_dense
@@ -214,16 +215,12 @@ class SkipFitness:
     def __call__(self, removed: Sequence[int], windows: Sequence[int], tokens: int) -> float:
         """Mean KL per token over ``windows`` (the last cut so that ``tokens`` tokens count), ``removed`` skipped."""
         self.evaluations += 1
-        L = self.ids.shape[1]
         total, count = 0.0, 0
         for k in removed:
             self.layers[k].forward = self._skip  # an instance attribute: the class's forward is untouched
         try:
             with inference_state(self.model):
-                for k, w in enumerate(windows):
-                    n = min(L, tokens - k * L)
-                    if n <= 0:
-                        break
+                for w, n in window_cuts(windows, tokens, self.ids.shape[1]):
                     logits = self.model(self.ids[w:w + 1, :n].to(self.device)).logits[0]  # [n, V]
                     total += kl_from_dense(self.dense[w][:n], logits.cpu()) * n
                     count += n

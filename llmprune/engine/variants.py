@@ -36,6 +36,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..runtime.files import save_tensors_atomic, write_json_atomic
 from ..steps import LayerTarget
+from ..steps.evopress import window_cuts
 from .capture import inference_state
 from .plan import PrunePlan
 from .targets import Target
@@ -93,7 +94,7 @@ class VariantDatabase:
         bits = torch.from_numpy(np.packbits(M.numpy().reshape(-1)))  # [ceil(out·in/8)] uint8
         values = W.cpu()[M].to(dtype).contiguous()  # [kept]
         save_tensors_atomic(self.path(name, level), {"mask": bits, "values": values},
-                      {"shape": json.dumps(list(W.shape))})
+                            {"shape": json.dumps(list(W.shape))})
 
     def read(self, name: str, level: str) -> torch.Tensor:
         """The variant as a dense ``[out, in]`` tensor (zeros off its mask) in the stored dtype."""
@@ -198,13 +199,9 @@ class KLFitness:
         """Mean KL per token over ``windows`` (the last cut so that ``tokens`` tokens count)."""
         self.load(variants)
         self.evaluations += 1
-        L = self.ids.shape[1]
         total, count = 0.0, 0
         with inference_state(self.model):
-            for k, w in enumerate(windows):
-                n = min(L, tokens - k * L)
-                if n <= 0:
-                    break
+            for w, n in window_cuts(windows, tokens, self.ids.shape[1]):
                 logits = self.model(self.ids[w:w + 1, :n].to(self.device)).logits[0].float()  # [n, V]
                 logp = torch.log_softmax(logits, dim=-1).cpu()
                 dense = self.dense[w]

@@ -73,6 +73,10 @@ def _model_key(model) -> dict:
             "probe": float(first.detach().float().flatten()[:4096].double().sum())}
 
 
+def _options(config: PruneConfig) -> SearchOptions:
+    return SearchOptions(**{k: getattr(config, k) for k in SearchOptions.model_fields})
+
+
 def fitness_windows(config: PruneConfig, model, tokenizer, calibration, calib_ids: torch.Tensor,
                     n: int) -> torch.Tensor:
     """``n`` windows drawn like the calibration's with another seed, none equal to a calibration window."""
@@ -106,7 +110,7 @@ def search_allocation(model, tokenizer, config: PruneConfig, calibration, calib_
     database, the generations run, seconds per part). ``fixed``: targets whose sparsity the user gave
     (module_sparsity); they keep it, stay dense during the search, and the budget is over the others."""
     t0 = time.perf_counter()
-    opts = SearchOptions(**{k: getattr(config, k) for k in SearchOptions.model_fields})
+    opts = _options(config)
     if run.collective is not None:
         raise ConfigError("allocation 'search' runs in one process (each candidate is a forward of the whole "
                           "model); launch it without torchrun")
@@ -225,7 +229,7 @@ def search_depth(model, config: PruneConfig, ids: torch.Tensor, calib: dict, sta
     every generation (a rerun resumes). Returns the removed layers (the search's, or ``start`` where it scores
     lower on every fitness token) and a summary for the report."""
     t0 = time.perf_counter()
-    opts = SearchOptions(**{k: getattr(config, k) for k in SearchOptions.model_fields})
+    opts = _options(config)
     seqlen = ids.shape[1]
     n_win = min(ids.shape[0], opts.search_windows or math.ceil(max(opts.search_tokens) / seqlen))
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0

@@ -30,11 +30,11 @@ from ..engine.structured import LayerCut, StructuredPlan, block_influence, exper
 from ..engine.targets import find_decoder_layers
 from ..errors import ConfigError
 from ..registry import lookup
-from .search import search_depth
 from ..report import PruneReport
 from ..structured.depth import lowest
 from ..structured.options import count
 from ..structured.removal import LayerRemoval, Removal
+from .search import search_depth
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
@@ -182,16 +182,13 @@ def prune_structured(model: nn.Module, tokenizer, config: PruneConfig, calibrati
     n_drop = count(config.remove_layers, n_layers, "remove_layers") if config.remove_layers else 0
     if n_drop:
         t1 = time.perf_counter()
-        if config.depth_method == "block-influence":
+        if config.depth_method in ("block-influence", "search"):  # the search starts from block influence's choice
             run = SequentialRun(model, ids, device=device, batch_size=config.batch_size, progress=progress)
             scores = block_influence(run, progress)
             chosen = lowest(scores, n_drop)
-            depth = {"method": "block-influence", "scores": [round(s, 6) for s in scores]}
-        elif config.depth_method == "search":
-            run = SequentialRun(model, ids, device=device, batch_size=config.batch_size, progress=progress)
-            scores = block_influence(run, progress)
-            chosen, summary = search_depth(model, config, ids, calib, lowest(scores, n_drop), device, progress)
-            depth = {"method": "search", "scores": [round(s, 6) for s in scores], "search": summary}
+            depth = {"method": config.depth_method, "scores": [round(s, 6) for s in scores]}
+            if config.depth_method == "search":
+                chosen, depth["search"] = search_depth(model, config, ids, calib, chosen, device, progress)
         else:
             steps: list[list[float]] = []
             chosen = kl_choice(model, ids[:config.depth_windows], n_drop, device, progress,

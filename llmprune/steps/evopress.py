@@ -162,6 +162,17 @@ def draw_windows(rng: random.Random, n_windows: int, tokens: int, seqlen: int) -
     return rng.sample(range(n_windows), k), tokens
 
 
+def window_cuts(windows: Sequence[int], tokens: int, seqlen: int) -> list[tuple[int, int]]:
+    """``(window, length)`` of each window a fitness reads so that ``tokens`` tokens count (the last one cut)."""
+    cuts = []
+    for k, w in enumerate(windows):
+        n = min(seqlen, tokens - k * seqlen)
+        if n <= 0:
+            break
+        cuts.append((w, n))
+    return cuts
+
+
 def evolve(space: LevelSpace, fitness: Fitness, options: SearchOptions, n_windows: int, seqlen: int,
            state: SearchState | None = None, on_generation: Callable[[SearchState], None] | None = None,
            progress: bool = True, start: Sequence[int] | None = None) -> SearchState:

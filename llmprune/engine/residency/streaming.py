@@ -230,7 +230,6 @@ class ShardStream:
         self._drop(layer)
 
     def release(self, index: int, layer: nn.Module) -> None:
-
         if not self.writer:  # rank 0 writes the same pruned layer
             self.observed(index, layer)
             if self._libc is not None:
